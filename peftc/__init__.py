@@ -1,0 +1,39 @@
+"""peftc: a torch.fx graph-rewriting compiler for parameter-efficient fine-tuning.
+
+The public API, listed once::
+
+    cm = peftc.compile(model, [peftc.LoRA(r=8).on(peftc.linear(r".*q_proj"))])
+"""
+
+from .adapters.base import Adapter
+from .adapters.lora import LoRA
+from .compile import compile
+from .errors import MergeError, PeftcError, RuleError, TraceError
+from .match import Selector, linear, module, op, where
+from .passes.insert import Builder, Placement
+from .program import CompiledModel
+from .rules import Rule, RuleSet, load_rules
+from .sites import Site
+
+__all__ = [
+    "Adapter",
+    "Builder",
+    "CompiledModel",
+    "LoRA",
+    "MergeError",
+    "PeftcError",
+    "Placement",
+    "Rule",
+    "RuleError",
+    "RuleSet",
+    "Selector",
+    "Site",
+    "TraceError",
+    "compile",
+    "linear",
+    "load_rules",
+    "module",
+    "op",
+    "where",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Built-in adapter kinds, one per file."""

@@ -1,0 +1,78 @@
+"""``peftc.compile``: trace, match rules, build adapter state, freeze the base."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .errors import RuleError
+from .program import CompiledModel
+from .rules import load_rules, resolve
+from .sites import find_sites
+from .trace import call_inputs, signature, trace, with_defaults
+
+
+def compile(
+    model: nn.Module,
+    rules,
+    example_inputs=None,
+    *,
+    backend: str | Callable | None = "inductor",
+    adapter_name: str = "default",
+    modules_to_save: list[str] | None = None,
+) -> CompiledModel:
+    """Put adapters on ``model`` where ``rules`` say, and lower the result.
+
+    Arguments:
+        model: a transformers model or any ``nn.Module``. Its weights are
+            shared, never copied; its parameters are frozen (``requires_grad=False``)
+            except for biases PEFT's ``bias`` option names.
+        rules: Rules (``peftc.LoRA(r=8).on(peftc.linear(...))``), a rules dict
+            or file, or a PEFT ``LoraConfig`` (see :func:`peftc.load_rules`).
+        example_inputs: a dict of keyword arguments, a tuple, or a tensor. For
+            a transformers text model it may be omitted.
+        backend: a ``torch.compile`` backend name or callable; ``"eager"`` skips compilation.
+        adapter_name: the name of this adapter (PEFT's ``"default"``).
+        modules_to_save: module-name suffixes to train in full (added to the rules').
+
+    Returns:
+        A :class:`~peftc.program.CompiledModel`.
+
+    Raises:
+        RuleError: bad rules, or rules that match nothing or conflict.
+        TraceError: the model could not be traced with ``example_inputs``.
+        Nothing about ``model`` changes when an error is raised.
+    """
+    ruleset = load_rules(rules, model)
+    args, kwargs = call_inputs(model, example_inputs)
+    kwargs = with_defaults(model, kwargs)
+    key = signature(args, kwargs, model.training)
+    first = trace(model, args, kwargs, key)
+    sites = find_sites(first.module(), model)
+    matched = [(site, rule.adapter) for site, rule in resolve(ruleset.rules, sites)]
+    saved = _modules_to_save(model, ruleset.modules_to_save + list(modules_to_save or []))
+
+    cm = CompiledModel(model, backend, first)
+    cm._add_placements(adapter_name, matched)
+    cm._add_saved(adapter_name, saved)
+    _freeze(model, ruleset.bias, {s.path for s, _ in matched})
+    return cm
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths ending with one of ``names`` (PEFT's rule), outermost only."""
+    paths = []
+    for name in dict.fromkeys(names):
+        hits = [p for p, _ in model.named_modules() if p and p.endswith(name)]
+        if not hits and name not in ("classifier", "score"):
+            raise RuleError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
+        paths += [p for p in hits if not any(p.startswith(q + ".") for q in hits)]
+    return paths
+
+
+def _freeze(model: nn.Module, bias: str, adapted: set[str]) -> None:
+    for name, p in model.named_parameters():
+        module_path, _, pname = name.rpartition(".")
+        trains = pname == "bias" and (bias == "all" or (bias == "lora_only" and module_path in adapted))
+        p.requires_grad_(trains)

@@ -1,0 +1,154 @@
+"""Selectors: predicates over sites, composable with ``|``, ``&`` and ``~``.
+
+Selectors look at ops, not module classes::
+
+    peftc.linear(r".*\\.(q|v)_proj")              every linear-like op in q_proj / v_proj
+    peftc.linear(layers=range(4))                 ... in layers 0-3
+    peftc.module(r"lm_head")                      any op that reads lm_head's parameters
+    peftc.op("aten.addmm")                        by ATen op name
+    peftc.linear() & ~peftc.module(r".*lm_head")  combinations
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+from .sites import Site, layer_index
+
+
+class Selector:
+    """A predicate over :class:`~peftc.sites.Site`. Subclass and define ``__call__``."""
+
+    def __call__(self, site: Site) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def hint(self) -> str | None:
+        """A module-path pattern, used to suggest near misses when nothing matches."""
+        return None
+
+    def __or__(self, other: Selector) -> Selector:
+        return _Combine("|", (self, other))
+
+    def __and__(self, other: Selector) -> Selector:
+        return _Combine("&", (self, other))
+
+    def __invert__(self) -> Selector:
+        return _Not(self)
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class _Combine(Selector):
+    def __init__(self, how: str, parts: tuple[Selector, ...]):
+        self.how, self.parts = how, parts
+
+    def __call__(self, site: Site) -> bool:
+        fold = any if self.how == "|" else all
+        return fold(part(site) for part in self.parts)
+
+    def describe(self) -> str:
+        return "(" + f" {self.how} ".join(p.describe() for p in self.parts) + ")"
+
+    def hint(self) -> str | None:
+        return next((h for p in self.parts if (h := p.hint())), None)
+
+
+class _Not(Selector):
+    def __init__(self, inner: Selector):
+        self.inner = inner
+
+    def __call__(self, site: Site) -> bool:
+        return not self.inner(site)
+
+    def describe(self) -> str:
+        return f"~{self.inner.describe()}"
+
+
+class _Where(Selector):
+    """Sites whose module path full-matches a regex, in the given layers, of the given kind."""
+
+    def __init__(self, name, pattern, layers, layers_pattern, kinds: tuple[str, ...] | None):
+        self.name, self.pattern, self.kinds = name, pattern, kinds
+        self.layers = None if layers is None else _as_layers(layers)
+        self.layers_pattern = layers_pattern
+        try:
+            self._regex = None if pattern is None else re.compile(pattern)
+        except re.error as e:
+            raise _rule_error(f"{name}({pattern!r}): not a valid regular expression: {e}") from e
+
+    def __call__(self, site: Site) -> bool:
+        if self.kinds is not None and site.kind not in self.kinds:
+            return False
+        if self._regex is not None and not self._regex.fullmatch(site.path):
+            return False
+        if self.layers is not None:
+            layer = layer_index(site.path, self.layers_pattern)
+            if layer is None or layer not in self.layers:
+                return False
+        return True
+
+    def describe(self) -> str:
+        parts = [repr(self.pattern)] if self.pattern is not None else []
+        if self.layers is not None:
+            parts.append(f"layers={sorted(self.layers)}")
+        return f"{self.name}({', '.join(parts)})"
+
+    def hint(self) -> str | None:
+        return self.pattern
+
+
+class _Predicate(Selector):
+    def __init__(self, fn: Callable[[Site], bool], name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, site: Site) -> bool:
+        return bool(self.fn(site))
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _as_layers(layers) -> frozenset[int]:
+    if isinstance(layers, int):
+        return frozenset([layers])
+    if isinstance(layers, Iterable):
+        return frozenset(int(i) for i in layers)
+    raise _rule_error(f"layers={layers!r}: expected an int or an iterable of ints")
+
+
+def _rule_error(msg):
+    from .errors import RuleError
+
+    return RuleError(msg)
+
+
+def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
+    """Linear-like ops (``linear``, ``addmm``, ``mm``/``matmul`` with a parameter operand).
+
+    Arguments:
+        pattern: regex that must match the whole module path; None matches all.
+        layers: an int or iterable of layer indices (see :func:`peftc.sites.layer_index`).
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``) when
+            the default rule finds the wrong number.
+    """
+    return _Where("linear", pattern, layers, layers_pattern, kinds=("linear",))
+
+
+def module(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
+    """Any op that reads a parameter owned by a module whose path full-matches ``pattern``."""
+    return _Where("module", pattern, layers, layers_pattern, kinds=None)
+
+
+def op(*names: str) -> Selector:
+    """Sites whose ATen op name starts with one of ``names`` (``"aten.addmm"``)."""
+    return _Predicate(lambda s: s.op.startswith(names), f"op{names!r}")
+
+
+def where(fn: Callable[[Site], bool], name: str | None = None) -> Selector:
+    """A selector from any predicate over :class:`~peftc.sites.Site`."""
+    return _Predicate(fn, name or getattr(fn, "__name__", "where"))

@@ -1,0 +1,72 @@
+"""Fold adapter deltas into the model's weights, or take them back out.
+
+Deltas are computed and applied in float32 (float64 stays float64), whatever the
+weights' dtype, then rounded once. The graph side of merging is
+:func:`~peftc.passes.insert.strip_adapters`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import MergeError
+from .insert import Placement
+
+
+def _deltas(model: nn.Module, p: Placement):
+    deltas = p.adapter.merge_delta(p.site, p.state)
+    for name, delta in deltas.items():
+        path = f"{p.site.path}.{name}" if p.site.path else name
+        yield path, _target_param(model, p, path, delta), delta
+
+
+def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor) -> nn.Parameter:
+    try:
+        param = model.get_parameter(path)
+    except AttributeError as e:
+        raise MergeError(f"{p}: the model has no parameter {path} to merge into") from e
+    if param.shape != delta.shape:
+        raise MergeError(f"{p}: delta shape {tuple(delta.shape)} doesn't fit {path} {tuple(param.shape)}")
+    return param
+
+
+def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -> None:
+    """Raise if any merged (or unmerged) weight would hold a NaN or infinity; change nothing."""
+    for p in placements:
+        for path, param, delta in _deltas(model, p):
+            new = _wide(param) + sign * delta.to(param.device)
+            if not torch.isfinite(delta).all() or not torch.isfinite(new.to(param.dtype)).all():
+                raise MergeError(
+                    f"merging adapter {p.adapter_name!r} into {path} would write non-finite values "
+                    f"(NaN/inf in the adapter, or overflow of {param.dtype}); no weight was changed. "
+                    "Check the adapter's training, or merge into a wider dtype"
+                )
+
+
+@torch.no_grad()
+def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None) -> None:
+    """Add (``sign=1``) or subtract (``sign=-1``) every placement's delta in place."""
+    desc = "merging" if sign > 0 else "unmerging"
+    bar = tqdm(placements, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
+    for p in bar:
+        for _, param, delta in _deltas(model, p):
+            param.copy_((_wide(param) + sign * delta.to(param.device)).to(param.dtype))
+
+
+def mergeable_or_raise(placements: list[Placement]) -> None:
+    bad = sorted({f"{p.adapter_name} ({p.adapter!r})" for p in placements if not p.adapter.mergeable})
+    if bad:
+        raise MergeError(
+            f"adapters {bad} can't be folded into weights (they add tokens or activations, not weight "
+            "deltas); nothing was merged. Delete or disable them first, or export the graph with them baked in"
+        )
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def _quiet(progress: bool | None, n: int) -> bool:
+    return not progress if progress is not None else n < 64

@@ -1,0 +1,190 @@
+"""Find the places in a traced graph where an op consumes a model parameter.
+
+A *site* is one weight of the user's model together with every graph node that
+uses it as an op operand, for example ``model.layers.0.self_attn.q_proj.weight``
+read by one ``aten.linear``. Selectors choose among sites; adapters attach to them.
+
+Linear-like ops are recognised in every form models write them::
+
+    aten.linear(x, W[out,in], b)         nn.Linear, F.linear          layout "out_in"
+    aten.addmm(b, x, W[in,out])          GPT-2's Conv1D               layout "in_out"
+    aten.matmul(x, W[in,out]) / mm       a bare x @ W                 layout "in_out"
+    aten.matmul(x, t(W[out,in])) / mm    x @ W.T                      layout "out_in"
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+LINEAR = "linear"
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+@dataclass
+class Site:
+    """One model weight and the graph nodes that use it.
+
+    Attributes:
+        path: module path in the user's model (``model.layers.0.mlp.up_proj``).
+        weight_name: the parameter's name inside that module (``weight``).
+        kind: ``"linear"`` for linear-like ops; otherwise the ATen op name
+            (``"embedding"``, ``"convolution"``...), which no built-in adapter supports.
+        op: the ATen op of the first node (``aten.linear.default``).
+        layout: ``"out_in"`` or ``"in_out"``: how the weight is stored for linear ops.
+        in_features, out_features: the linear map's sizes (0 when not linear).
+        dtype, device: the weight's.
+        layer: the layer index of ``path`` (PEFT's rule), or None.
+        nodes: names of the graph nodes at this site, in graph order.
+        has_bias: whether the op adds a bias.
+    """
+
+    path: str
+    weight_name: str
+    kind: str
+    op: str
+    layout: str = "out_in"
+    in_features: int = 0
+    out_features: int = 0
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    layer: int | None = None
+    nodes: list[str] = field(default_factory=list)
+    has_bias: bool = False
+
+    @property
+    def weight_path(self) -> str:
+        return f"{self.path}.{self.weight_name}" if self.path else self.weight_name
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kind == LINEAR
+
+    def __str__(self) -> str:
+        shape = f"{self.in_features}->{self.out_features}" if self.is_linear else self.kind
+        return f"{self.path} [{self.op} {shape}]"
+
+
+def layer_index(path: str, layers_pattern: str | list[str] | None = None) -> int | None:
+    """The layer number in a module path, by PEFT's rule.
+
+    Without ``layers_pattern`` it is the first ``.N.`` that follows at least
+    one dotted component; with it, the first ``N`` in ``<pattern>.N.``.
+    """
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return int(m.group(1)) if m else None
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+@dataclass
+class LinearUse:
+    """How one linear-like node reads its input, weight and bias."""
+
+    input_index: int
+    weight: fx.Node  # the get_attr node of the parameter
+    layout: str
+    bias_index: int | None
+
+
+def linear_use(node: fx.Node) -> LinearUse | None:
+    """If ``node`` is a linear-like op with a parameter weight, describe it."""
+    if node.op != "call_function":
+        return None
+    args = node.args
+    if node.target == aten.linear.default:
+        bias = 2 if len(args) > 2 and args[2] is not None else None
+        return LinearUse(0, args[1], "out_in", bias) if _param(args[1]) else None
+    if node.target == aten.addmm.default and _param(args[2]):
+        return LinearUse(1, args[2], "in_out", 0)
+    if node.target in (aten.matmul.default, aten.mm.default):
+        w = args[1]
+        if _param(w):
+            return LinearUse(0, w, "in_out", None)
+        if isinstance(w, fx.Node) and w.target in _TRANSPOSES and _param(w.args[0]):
+            if _is_last_two_swap(w) and w.args[0].meta["val"].dim() == 2:
+                return LinearUse(0, w.args[0], "out_in", None)
+    return None
+
+
+def _param(arg) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def _is_last_two_swap(node: fx.Node) -> bool:
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    if node.target == aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return list(node.args[1]) in ([1, 0], [-1, -2])
+
+
+def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
+    """Every parameter-consuming op of ``gm``, grouped by weight, in graph order."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    owners = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    sites: dict[str, Site] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        use = linear_use(node)
+        if use is not None:
+            weight = params.get(use.weight.target)
+            if weight is None:
+                continue
+            path, wname = _site_name(node, weight, use.weight.target, model, owners)
+            out_f, in_f = weight.shape if use.layout == "out_in" else weight.shape[::-1]
+            site = sites.setdefault(
+                f"{path}.{wname}",
+                Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
+                     weight.dtype, weight.device, layer_index(path), has_bias=use.bias_index is not None),
+            )
+            site.nodes.append(node.name)
+            continue
+        for arg in node.args:
+            if _param(arg) and arg.target in params:
+                weight = params[arg.target]
+                path, wname = _site_name(node, weight, arg.target, model, owners)
+                site = sites.setdefault(
+                    f"{path}.{wname}",
+                    Site(path, wname, _op_name(node).split(".")[1], _op_name(node),
+                         dtype=weight.dtype, device=weight.device, layer=layer_index(path)),
+                )
+                site.nodes.append(node.name)
+    return list(sites.values())
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target)  # "aten.linear.default"
+
+
+def _site_name(node, weight, target, model, owners) -> tuple[str, str]:
+    """(module path, parameter name) of a weight as the user's model names it.
+
+    The innermost module the op ran in wins when it owns the weight, so a tied
+    ``lm_head`` is named ``lm_head`` and not after the embedding it shares with.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is not None:
+            for name, p in module.named_parameters(recurse=False):
+                if p is weight:
+                    return path, name
+    full = owners.get(id(weight), target)
+    path, _, name = full.rpartition(".")
+    return path, name
