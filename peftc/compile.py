@@ -56,6 +56,10 @@ def compile(
     cm = CompiledModel(model, backend, first)
     cm._add_placements(adapter_name, matched)
     cm._add_saved(adapter_name, saved)
+    cm._options[adapter_name] = {
+        "bias": ruleset.bias, "modules_to_save": ruleset.modules_to_save + list(modules_to_save or []),
+        "task_type": ruleset.task_type,
+    }
     _freeze(model, ruleset.bias, {s.path for s, _ in matched})
     return cm
 

@@ -61,6 +61,7 @@ class CompiledModel(nn.Module):
         self._placements: list[Placement] = []
         self._saved: dict[str, dict[str, nn.Module]] = {}
         self._stash: dict[str, torch.Tensor] = {}
+        self._options: dict[str, dict] = {}  # per adapter: bias, modules_to_save, task_type
         self._merged = False
         self._variants: dict[tuple, list[_Variant]] = {}
         self._first = first
@@ -210,6 +211,15 @@ class CompiledModel(nn.Module):
             for v in variants:
                 self._adapt(v)
         self._relower()
+
+    def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
+        """Write adapters in PEFT's format (``adapter_config.json`` + safetensors).
+
+        ``default`` goes in ``directory``; other adapters in subfolders named after them.
+        """
+        from .formats.peft import save_pretrained
+
+        save_pretrained(self, directory, adapters)
 
     def merge_and_unload(self, safe: bool = False, progress: bool | None = None) -> nn.Module:
         """Merge, then return the user's own model object, now holding the merged weights."""

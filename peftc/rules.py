@@ -58,11 +58,13 @@ class RuleSet:
             (a trainable copy; the original stays frozen), as PEFT's option.
         bias: PEFT's ``bias``: ``"none"``, ``"all"`` (every bias trains) or
             ``"lora_only"`` (biases of adapted ops train).
+        task_type: PEFT's task type, when the rules came from a PEFT config.
     """
 
     rules: list[Rule]
     modules_to_save: list[str] = field(default_factory=list)
     bias: str = "none"
+    task_type: str | None = None
 
     def __post_init__(self):
         if self.bias not in ("none", "all", "lora_only"):
@@ -214,7 +216,8 @@ def _from_peft(config: dict, model: nn.Module | None) -> RuleSet:
         init=init, use_rslora=config.get("use_rslora", False),
         rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
     )
-    return RuleSet([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"))
+    task_type = str(config["task_type"]).rsplit(".", 1)[-1] if config.get("task_type") else None
+    return RuleSet([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
 
 
 def _all_linear(model: nn.Module | None, task_type) -> set[str]:

@@ -20,6 +20,7 @@ from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .passes.inline import inline_grad_regions
 
 
 def call_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -81,7 +82,9 @@ class Trace:
 
     def module(self) -> torch.fx.GraphModule:
         """A fresh graph module over the model's own parameters (never copies)."""
-        return self.ep.module()
+        gm = self.ep.module()
+        inline_grad_regions(gm)
+        return gm
 
     def order(self, kwargs: dict) -> dict:
         return {k: kwargs[k] for k in self.kwarg_order}

@@ -1,0 +1,143 @@
+"""PEFT's checkpoint format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (and
+``lora_B``); a ``modules_to_save`` copy is ``base_model.model.<module path>.<param>``.
+An adapter named ``default`` goes in the directory itself, any other in a
+subfolder of that name, as PEFT lays them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapters.lora import LoRA
+from ..errors import PeftcError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def site_key(site) -> str:
+    """The module path a site's state is saved under (its weight path for non-``weight`` params)."""
+    return site.path if site.weight_name == "weight" else site.weight_path
+
+
+def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor adapter ``name`` would save, under PEFT's keys."""
+    out = {}
+    for p in cm.sites:
+        if p.adapter_name != name:
+            continue
+        keys = p.adapter.state_keys(p.site)
+        for attr, tensor in p.state.named_parameters():
+            out[f"{PREFIX}{site_key(p.site)}.{keys.get(attr, attr)}"] = tensor
+    for path, clone in cm._saved.get(name, {}).items():
+        for pname, tensor in clone.named_parameters():
+            out[f"{PREFIX}{path}.{pname}"] = tensor
+    return out
+
+
+def lora_config(cm, name: str) -> dict:
+    """A PEFT ``LoraConfig`` dict that rebuilds adapter ``name`` on the same sites."""
+    placements = [p for p in cm.sites if p.adapter_name == name]
+    kinds = {type(p.adapter) for p in placements}
+    if kinds - {LoRA}:
+        raise PeftcError(
+            f"adapter {name!r} mixes kinds {sorted(k.__name__ for k in kinds)}; PEFT's format holds one "
+            "kind per adapter. Save each kind under its own adapter name"
+        )
+    ranks = Counter(p.state.r for p in placements)
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    rslora = {p.adapter.use_rslora for p in placements}
+    use_rslora = rslora == {True}
+    if len(rslora) > 1:
+        raise PeftcError(f"adapter {name!r} mixes rsLoRA and plain LoRA sites; PEFT can't express that")
+    alphas = {site_key(p.site): _alpha(p, use_rslora) for p in placements}
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+    dropouts = {p.adapter.dropout for p in placements}
+    if len(dropouts) > 1:
+        warnings.warn(f"adapter {name!r} has several dropouts {sorted(dropouts)}; PEFT keeps one: "
+                      f"{max(dropouts)}", stacklevel=3)
+    options = cm._options.get(name, {})
+    return {
+        "peft_type": "LORA",
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts, default=0.0),
+        "target_modules": sorted(alphas),
+        "rank_pattern": {re.escape(k): p.state.r for p in placements
+                         if p.state.r != r and (k := site_key(p.site))},
+        "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),
+        "init_lora_weights": True,
+        "bias": options.get("bias", "none"),
+        "modules_to_save": options.get("modules_to_save") or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _alpha(p, use_rslora: bool) -> float:
+    scaling = float(p.state.scaling)
+    alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
+    return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
+
+
+def _task_type(model) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None) -> list[Path]:
+    """Write each adapter in PEFT's format; return the folders written.
+
+    Files are written to a temporary name and renamed, so an interrupted save
+    never leaves a half-written checkpoint behind.
+    """
+    root = Path(directory)
+    names = adapters or list(cm.peftc.adapters.keys())
+    folders = []
+    for name in names:
+        if name not in cm.peftc.adapters:
+            raise PeftcError(f"no adapter named {name!r}; adapters: {list(cm.peftc.adapters.keys())}")
+        folder = root if name == "default" else root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = lora_config(cm, name)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}))
+        _atomic_write(folder / CONFIG_NAME, lambda path, c=config: Path(path).write_text(json.dumps(c, indent=2)))
+        folders.append(folder)
+    return folders
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
