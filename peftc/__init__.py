@@ -6,10 +6,13 @@ The public API, listed once::
 """
 
 from .adapters.base import Adapter
+from .adapters.bitfit import BitFit
 from .adapters.lora import LoRA
+from .adapters.prefix import Prefix
+from .adapters.prompt import Prompt
 from .compile import compile
 from .errors import MergeError, PeftcError, RuleError, TraceError
-from .match import Selector, linear, module, op, where
+from .match import Selector, attention, embedding, input_embeddings, linear, module, op, where
 from .passes.insert import Builder, Placement
 from .program import CompiledModel
 from .rules import Rule, RuleSet, load_rules
@@ -17,19 +20,25 @@ from .sites import Site
 
 __all__ = [
     "Adapter",
+    "BitFit",
     "Builder",
     "CompiledModel",
     "LoRA",
     "MergeError",
     "PeftcError",
     "Placement",
+    "Prefix",
+    "Prompt",
     "Rule",
     "RuleError",
     "RuleSet",
     "Selector",
     "Site",
     "TraceError",
+    "attention",
     "compile",
+    "embedding",
+    "input_embeddings",
     "linear",
     "load_rules",
     "module",

@@ -6,6 +6,8 @@ Selectors look at ops, not module classes::
     peftc.linear(layers=range(4))                 ... in layers 0-3
     peftc.module(r"lm_head")                      any op that reads lm_head's parameters
     peftc.op("aten.addmm")                        by ATen op name
+    peftc.attention()                             every scaled_dot_product_attention
+    peftc.input_embeddings()                      the input-embedding lookup
     peftc.linear() & ~peftc.module(r".*lm_head")  combinations
 """
 
@@ -137,6 +139,21 @@ def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Sele
             the default rule finds the wrong number.
     """
     return _Where("linear", pattern, layers, layers_pattern, kinds=("linear",))
+
+
+def attention(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
+    """Attention ops (``aten.scaled_dot_product_attention``) in modules matching ``pattern``."""
+    return _Where("attention", pattern, layers, layers_pattern, kinds=("attention",))
+
+
+def embedding(pattern: str | None = None) -> Selector:
+    """Embedding lookups (``aten.embedding``) of modules matching ``pattern``."""
+    return _Where("embedding", pattern, None, None, kinds=("embedding",))
+
+
+def input_embeddings() -> Selector:
+    """The lookup of the model's input embeddings (``model.get_input_embeddings()``)."""
+    return _Predicate(lambda s: s.input_embedding, "input_embeddings()")
 
 
 def module(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:

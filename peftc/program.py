@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .boundary import PREFIX, Boundary, as_keywords
 from .passes.insert import STATE_ROOT, Placement, insert_adapters, strip_adapters
 from .passes.lower import lower
 from .passes.merge import apply_deltas, check_finite, mergeable_or_raise
@@ -64,17 +65,28 @@ class CompiledModel(nn.Module):
         self._options: dict[str, dict] = {}  # per adapter: bias, modules_to_save, task_type
         self._merged = False
         self._variants: dict[tuple, list[_Variant]] = {}
+        self._rewrites: list[tuple[object, str]] = []  # adapters that rewrite the model's inputs
         self._first = first
 
     # -- building -------------------------------------------------------------
 
     def _add_placements(self, name: str, matched: list[tuple[Site, object]]) -> None:
         tree = self.peftc.adapters[name] = nn.Module()
+        by_adapter: dict[int, tuple[object, list[Site]]] = {}
         for site, adapter in matched:
-            state = adapter.init_state(site).to(site.device)
-            key = site.path if site.weight_name == "weight" else site.weight_path
-            set_path(tree, key, state)
-            self._placements.append(Placement(site, adapter, name, state, f"adapters.{name}.{key}"))
+            by_adapter.setdefault(id(adapter), (adapter, []))[1].append(site)
+        for adapter, sites in by_adapter.values():
+            registered: set[str] = set()
+            for site, (key, state) in zip(sites, adapter.init_states(sites, self.base_model), strict=True):
+                target = f"adapters.{name}.{key}"
+                if key not in registered:
+                    set_path(tree, key, state.to(site.device))
+                    registered.add(key)
+                    if adapter.rewrites_inputs:
+                        self._rewrites.append((adapter, target))
+                self._placements.append(Placement(site, adapter, name, state, target))
+        if self._rewrites:
+            self._first = None  # that trace has no input boundary
 
     def _add_saved(self, name: str, paths: list[str]) -> None:
         tree = self.peftc.saved[name] = nn.Module()
@@ -97,9 +109,9 @@ class CompiledModel(nn.Module):
         return variant
 
     def _adapt(self, v: _Variant) -> None:
+        sites = {s.weight_path: s for s in find_sites(v.gm, self.base_model, v.trace.prefix)}
         for name, copies in self._saved.items():
-            swap_params(v.gm, copies, f"saved.{name}")
-        sites = {s.weight_path: s for s in find_sites(v.gm, self.base_model)}
+            swap_params(v.gm, copies, f"saved.{name}", v.trace.prefix)
         insert_adapters(v.gm, self._placements, sites, training=v.trace.key[0])
 
     def _relower(self) -> None:
@@ -110,9 +122,16 @@ class CompiledModel(nn.Module):
     # -- calling --------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        kwargs = with_defaults(self.base_model, kwargs)
+        args, kwargs = self._inputs(args, kwargs)
         variant = self._variant(args, kwargs)
-        return variant.fn(*args, **variant.trace.order(kwargs))
+        call_args, call_kwargs = variant.trace.call_args(args, kwargs)
+        return variant.fn(*call_args, **call_kwargs)
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = with_defaults(self.base_model, kwargs)
+        if self._rewrites:  # the input boundary takes keywords only
+            return (), as_keywords(self.base_model, args, kwargs)
+        return args, kwargs
 
     def _variant(self, args: tuple, kwargs: dict) -> _Variant:
         key = signature(args, kwargs, self.base_model.training)
@@ -122,6 +141,9 @@ class CompiledModel(nn.Module):
         first, self._first = self._first, None
         if first is not None and first.key == key and first.accepts(args, kwargs):
             t = first
+        elif self._rewrites:
+            boundary = Boundary(self.base_model, self.peftc, self._rewrites)
+            t = trace(self.base_model, args, kwargs, key, boundary, PREFIX)
         else:
             t = trace(self.base_model, args, kwargs, key)
         v = self._build(t)
@@ -130,7 +152,7 @@ class CompiledModel(nn.Module):
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:
         """The adapted graph that a call with these inputs runs (tracing it if needed)."""
-        return self._variant(args, with_defaults(self.base_model, kwargs)).gm
+        return self._variant(*self._inputs(args, kwargs)).gm
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces buffers the graphs captured: trace again on the next call.

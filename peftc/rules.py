@@ -27,6 +27,8 @@ from torch import nn
 from . import match
 from .adapters.base import Adapter, adapter_from_config
 from .adapters.lora import LoRA
+from .adapters.prefix import Prefix
+from .adapters.prompt import Prompt
 from .errors import RuleError
 from .sites import Site, layer_index
 
@@ -82,8 +84,8 @@ def load_rules(source: Any, model: nn.Module | None = None) -> RuleSet:
     """
     if isinstance(source, RuleSet):
         return source
-    if isinstance(source, Rule):
-        return RuleSet([source])
+    if isinstance(source, (Rule, Adapter)):
+        return load_rules([source], model)
     if isinstance(source, (str, Path)):
         return load_rules(_read_file(Path(source)), model)
     if hasattr(source, "peft_type") and hasattr(source, "to_dict"):
@@ -95,11 +97,17 @@ def load_rules(source: Any, model: nn.Module | None = None) -> RuleSet:
     if isinstance(source, (list, tuple)):
         if not source:
             raise RuleError("no rules given: pass at least one rule, e.g. peftc.LoRA(r=8).on(peftc.linear())")
-        bad = [r for r in source if not isinstance(r, Rule)]
-        if bad:
-            raise RuleError(f"expected Rule objects (adapter.on(selector)), got {bad[0]!r}")
-        return RuleSet(list(source))
+        return RuleSet([_as_rule(r) for r in source])
     raise RuleError(f"can't read rules from {type(source).__name__}: pass Rules, a dict, a file path or a PEFT config")
+
+
+def _as_rule(item) -> Rule:
+    """A Rule, or an adapter with a default selector (``peftc.Prompt(20)``) made into one."""
+    if isinstance(item, Rule):
+        return item
+    if isinstance(item, Adapter) and item.default_selector() is not None:
+        return item.on(item.default_selector())
+    raise RuleError(f"expected a Rule (adapter.on(selector)), got {item!r}")
 
 
 def _read_file(path: Path) -> dict:
@@ -185,8 +193,52 @@ _IGNORED_WHEN_DEFAULT = {
 
 def _from_peft(config: dict, model: nn.Module | None) -> RuleSet:
     peft_type = str(config.get("peft_type", "")).upper().rsplit(".", 1)[-1]
-    if peft_type != "LORA":
-        raise RuleError(f"peft_type {config.get('peft_type')!r} is not supported as rules; supported: LORA")
+    builders = {"LORA": _from_lora, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix}
+    if peft_type not in builders:
+        raise RuleError(
+            f"peft_type {config.get('peft_type')!r} is not supported; supported: {sorted(builders)}"
+        )
+    return builders[peft_type](config, model)
+
+
+def _task_options(config: dict) -> tuple[list[str], str | None]:
+    """modules_to_save (with PEFT's classifier heads for SEQ_CLS) and the task type."""
+    modules_to_save = list(config.get("modules_to_save") or [])
+    task_type = str(config["task_type"]).rsplit(".", 1)[-1].upper() if config.get("task_type") else None
+    if task_type == "SEQ_CLS":
+        modules_to_save += [m for m in _SEQ_CLS_HEADS if m not in modules_to_save]
+    return modules_to_save, task_type
+
+
+def _from_prompt(config: dict, model) -> RuleSet:
+    init = str(config.get("prompt_tuning_init", "RANDOM")).rsplit(".", 1)[-1].upper()
+    inits = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
+    if init not in inits:
+        raise RuleError(f"prompt_tuning_init={init!r} is not supported; use one of {sorted(inits)}")
+    tokenizer = None
+    if init == "TEXT":
+        from transformers import AutoTokenizer
+
+        path = config.get("tokenizer_name_or_path")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **(config.get("tokenizer_kwargs") or {}))
+        except Exception as e:
+            raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
+                            f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
+    adapter = Prompt(config.get("num_virtual_tokens") or 0, inits[init],
+                     config.get("prompt_tuning_init_text"), tokenizer)
+    modules_to_save, task_type = _task_options(config)
+    return RuleSet([_as_rule(adapter)], modules_to_save, "none", task_type)
+
+
+def _from_prefix(config: dict, model) -> RuleSet:
+    projection = config.get("encoder_hidden_size") if config.get("prefix_projection") else None
+    adapter = Prefix(config.get("num_virtual_tokens") or 0, projection)
+    modules_to_save, task_type = _task_options(config)
+    return RuleSet([_as_rule(adapter)], modules_to_save, "none", task_type)
+
+
+def _from_lora(config: dict, model: nn.Module | None) -> RuleSet:
     unsupported = [
         k for k, default in _IGNORED_WHEN_DEFAULT.items()
         if config.get(k, default) not in (default, None, {}, [], False)
@@ -196,9 +248,7 @@ def _from_peft(config: dict, model: nn.Module | None) -> RuleSet:
     init = config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False or 'gaussian'")
-    modules_to_save = list(config.get("modules_to_save") or [])
-    if str(config.get("task_type") or "").upper().endswith("SEQ_CLS"):
-        modules_to_save += [m for m in _SEQ_CLS_HEADS if m not in modules_to_save]
+    modules_to_save, task_type = _task_options(config)
     targets = config.get("target_modules")
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -216,7 +266,6 @@ def _from_peft(config: dict, model: nn.Module | None) -> RuleSet:
         init=init, use_rslora=config.get("use_rslora", False),
         rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
     )
-    task_type = str(config["task_type"]).rsplit(".", 1)[-1] if config.get("task_type") else None
     return RuleSet([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
 
 
@@ -287,6 +336,12 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     for rule in rules:
         hits = [s for s in sites if rule.selector(s)]
         if not hits:
+            if isinstance(rule.adapter, (Prefix, Prompt)):
+                kind = "scaled_dot_product_attention" if isinstance(rule.adapter, Prefix) else "input-embedding"
+                raise RuleError(
+                    f"rule {rule} matched no site: the model has no {kind} op peftc can see. "
+                    "For attention, load the model with attn_implementation='sdpa'"
+                )
             raise RuleError(f"rule {rule} matched no site. {_nearest(rule, sites)}")
         for site in hits:
             why = rule.adapter.unsupported(site)

@@ -23,6 +23,8 @@ from torch import fx, nn
 aten = torch.ops.aten
 
 LINEAR = "linear"
+ATTENTION = "attention"
+_SDPA = {aten.scaled_dot_product_attention.default}
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 
 
@@ -42,6 +44,9 @@ class Site:
         layer: the layer index of ``path`` (PEFT's rule), or None.
         nodes: names of the graph nodes at this site, in graph order.
         has_bias: whether the op adds a bias.
+        bias_name: the bias parameter's name in the module (None if it has none).
+        heads, head_dim: key heads and head size at an ``"attention"`` site.
+        input_embedding: whether this is the lookup of the model's input embeddings.
     """
 
     path: str
@@ -56,10 +61,23 @@ class Site:
     layer: int | None = None
     nodes: list[str] = field(default_factory=list)
     has_bias: bool = False
+    bias_name: str | None = None
+    heads: int = 0
+    head_dim: int = 0
+    input_embedding: bool = False
 
     @property
     def weight_path(self) -> str:
+        """The site's key: its weight's full name (its module path for attention sites)."""
+        if not self.weight_name:
+            return self.path
         return f"{self.path}.{self.weight_name}" if self.path else self.weight_name
+
+    @property
+    def key(self) -> str:
+        """Where the site's state lives and is saved: its module path, or its weight
+        path when the weight isn't called ``weight``."""
+        return self.path if self.weight_name in ("weight", "") else self.weight_path
 
     @property
     def is_linear(self) -> bool:
@@ -67,6 +85,8 @@ class Site:
 
     def __str__(self) -> str:
         shape = f"{self.in_features}->{self.out_features}" if self.is_linear else self.kind
+        if self.kind == ATTENTION:
+            shape = f"{self.heads} heads x {self.head_dim}"
         return f"{self.path} [{self.op} {shape}]"
 
 
@@ -129,36 +149,55 @@ def _is_last_two_swap(node: fx.Node) -> bool:
     return list(node.args[1]) in ([1, 0], [-1, -2])
 
 
-def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
-    """Every parameter-consuming op of ``gm``, grouped by weight, in graph order."""
-    params = dict(gm.named_parameters(remove_duplicate=False))
+def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[Site]:
+    """Every parameter-consuming op and attention op of ``gm``, grouped by weight, in graph order.
+
+    Arguments:
+        prefix: what the graph's module paths carry in front of the model's own
+            (``"model."`` when a wrapper around the model was traced).
+    """
+    params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)
+              if n.startswith(prefix) and not n.startswith("peftc.")}
     owners = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed_weight = getattr(embed, "weight", None)
     sites: dict[str, Site] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
+            continue
+        if node.target in _SDPA:
+            path = _strip(_module_path(node), prefix)
+            k = node.args[1].meta["val"]
+            site = Site(path, "", ATTENTION, _op_name(node), dtype=k.dtype, device=k.device,
+                        layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]))
+            sites.setdefault(path, site).nodes.append(node.name)
             continue
         use = linear_use(node)
         if use is not None:
             weight = params.get(use.weight.target)
             if weight is None:
                 continue
-            path, wname = _site_name(node, weight, use.weight.target, model, owners)
+            path, wname = _site_name(node, weight, use.weight.target, model, owners, prefix)
             out_f, in_f = weight.shape if use.layout == "out_in" else weight.shape[::-1]
+            bias = node.args[use.bias_index] if use.bias_index is not None else None
+            bias_name = _bias_name(bias, path, prefix)
             site = sites.setdefault(
                 f"{path}.{wname}",
                 Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
-                     weight.dtype, weight.device, layer_index(path), has_bias=use.bias_index is not None),
+                     weight.dtype, weight.device, layer_index(path), has_bias=bias is not None,
+                     bias_name=bias_name),
             )
             site.nodes.append(node.name)
             continue
         for arg in node.args:
             if _param(arg) and arg.target in params:
                 weight = params[arg.target]
-                path, wname = _site_name(node, weight, arg.target, model, owners)
+                path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
                 site = sites.setdefault(
                     f"{path}.{wname}",
                     Site(path, wname, _op_name(node).split(".")[1], _op_name(node),
-                         dtype=weight.dtype, device=weight.device, layer=layer_index(path)),
+                         dtype=weight.dtype, device=weight.device, layer=layer_index(path),
+                         input_embedding=weight is embed_weight and node.target == aten.embedding.default),
                 )
                 site.nodes.append(node.name)
     return list(sites.values())
@@ -168,15 +207,30 @@ def _op_name(node: fx.Node) -> str:
     return str(node.target)  # "aten.linear.default"
 
 
-def _site_name(node, weight, target, model, owners) -> tuple[str, str]:
+def _strip(path: str, prefix: str) -> str:
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _bias_name(bias, path: str, prefix: str) -> str | None:
+    if not _param(bias):
+        return None
+    full = _strip(bias.target, prefix)
+    return full[len(path) + 1:] if path and full.startswith(path + ".") else None
+
+
+def _site_name(node, weight, target, model, owners, prefix="") -> tuple[str, str]:
     """(module path, parameter name) of a weight as the user's model names it.
 
     The innermost module the op ran in wins when it owns the weight, so a tied
     ``lm_head`` is named ``lm_head`` and not after the embedding it shares with.
     """
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path = list(stack.values())[-1][0]
+    path = _strip(_module_path(node), prefix)
+    if path:
         try:
             module = model.get_submodule(path)
         except AttributeError:
@@ -185,6 +239,6 @@ def _site_name(node, weight, target, model, owners) -> tuple[str, str]:
             for name, p in module.named_parameters(recurse=False):
                 if p is weight:
                     return path, name
-    full = owners.get(id(weight), target)
+    full = owners.get(id(weight), _strip(target, prefix))
     path, _, name = full.rpartition(".")
     return path, name

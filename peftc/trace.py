@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import PeftcError, TraceError
 from .passes.inline import inline_grad_regions
 
 
@@ -79,6 +78,8 @@ class Trace:
     ep: ExportedProgram
     key: tuple
     kwarg_order: tuple[str, ...]
+    prefix: str = ""  # what module paths in the graph carry in front of the model's
+    boundary: bool = False  # traced through the input boundary, which takes one dict
 
     def module(self) -> torch.fx.GraphModule:
         """A fresh graph module over the model's own parameters (never copies)."""
@@ -88,6 +89,12 @@ class Trace:
 
     def order(self, kwargs: dict) -> dict:
         return {k: kwargs[k] for k in self.kwarg_order}
+
+    def call_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The graph module's arguments for a model call with ``args`` and ``kwargs``."""
+        if self.boundary:
+            return (self.order(kwargs),), {}
+        return args, self.order(kwargs)
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         """Whether every tensor input's static dims and symbolic ranges fit this trace."""
@@ -126,33 +133,42 @@ def _bound(value, size: int) -> int:
         return size
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple) -> Trace:
-    """Export ``model`` on these inputs, batch and sequence dims dynamic.
+def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple, boundary: nn.Module | None = None,
+          prefix: str = "") -> Trace:
+    """Export ``model`` (or ``boundary``, a wrapper around it) on these inputs, batch and sequence dims dynamic.
 
     Raises:
         TraceError: naming the model, the inputs, the reason, and what to try.
     """
     try:
-        dynamic = _dynamic_shapes(model, args, kwargs)
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        if boundary is not None:  # it takes the keyword inputs as one dict
+            dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
+            ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
+        else:
+            dynamic = _dynamic_shapes(model, args, kwargs)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except PeftcError:
+        raise
     except Exception as e:
         raise TraceError(_explain(model, args, kwargs, e)) from e
-    return Trace(ep, key, tuple(kwargs))
+    return Trace(ep, key, tuple(kwargs), prefix, boundary is not None)
+
+
+def _dim_spec(v):
+    """Batch and sequence (the first two dims) of every tensor input are dynamic."""
+    if isinstance(v, torch.Tensor) and v.dim() > 0:
+        return {d: Dim.AUTO for d in range(min(v.dim(), 2))}
+    return None
 
 
 def _dynamic_shapes(model, args, kwargs):
-    def leaf(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return {d: Dim.AUTO for d in range(min(v.dim(), 2))}
-        return None
-
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as e:
         raise TraceError(
             f"example_inputs don't fit {type(model).__name__}.forward{inspect.signature(model.forward)}: {e}"
         ) from e
-    return {name: pytree.tree_map(leaf, value) for name, value in bound.arguments.items()}
+    return {name: pytree.tree_map(_dim_spec, value) for name, value in bound.arguments.items()}
 
 
 def describe_inputs(args, kwargs) -> str:
@@ -181,8 +197,3 @@ def _explain(model, args, kwargs, error: Exception) -> str:
         hint = "run the model eagerly with the same inputs to find the failing line"
     return (f"peftc could not trace {name} with inputs {describe_inputs(args, kwargs)}: "
             f"{type(error).__name__}: {first}\nTry: {hint}. The full export error is chained below.")
-
-
-def is_traceable_input(value: Any) -> bool:
-    leaves = pytree.tree_leaves(value)
-    return all(isinstance(v, (torch.Tensor, int, float, bool, str, type(None))) for v in leaves)

@@ -3,11 +3,16 @@
 An adapter kind is a small class that says four things about one site:
 
 - ``init_state(site)``: the parameters (and buffers) it adds, as an ``nn.Module``;
-- ``emit(b, site)``: the nodes it inserts after the site's op, written with the
-  :class:`~peftc.passes.insert.Builder` ``b``;
+- ``emit(b, site)``: the nodes it inserts after the site's op (or, with
+  ``position = "before"``, in front of it, rewiring the op's inputs), written
+  with the :class:`~peftc.passes.insert.Builder` ``b``;
 - ``merge_delta(site, state)``: what it adds to the site's weights when merged
-  (return None from a kind that cannot merge);
-- ``state_keys(site)``: how its state is named on disk.
+  (a kind that doesn't define it cannot merge);
+- ``saved_state(site, state, prefix)``: how its state is named on disk.
+
+Two optional hooks serve kinds that work at the model's input boundary
+(prompt tuning) or share one state across sites (prefix tuning):
+``rewrite_inputs`` and ``init_states``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class Adapter:
     """Base class of adapter specs. A spec is immutable data; its state lives per site."""
 
     kind: ClassVar[str] = ""
+    #: "after": emit nodes after the op and return its new output.
+    #: "before": emit nodes before the op and rewire its inputs with ``b.replace_input``.
+    position: ClassVar[str] = "after"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -47,12 +55,31 @@ class Adapter:
         """Why this adapter can't go on ``site``, or None when it can."""
         return None
 
+    def default_selector(self) -> Selector | None:
+        """The selector used when the adapter is given as a rule by itself (prompt tuning)."""
+        return None
+
     def init_state(self, site: Site) -> nn.Module:
         raise NotImplementedError
 
+    def init_states(self, sites: list[Site], model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(state key, state)`` per site; sites may share one state by sharing its key.
+
+        The default gives each site its own :meth:`init_state`, keyed by its weight path.
+        """
+        return [(s.key, self.init_state(s)) for s in sites]
+
+    def rewrite_inputs(self, model: nn.Module, state: nn.Module, kwargs: dict) -> dict:
+        """Change the model's keyword inputs before its forward; this code is traced too."""
+        return kwargs
+
+    @property
+    def rewrites_inputs(self) -> bool:
+        return type(self).rewrite_inputs is not Adapter.rewrite_inputs
+
     def emit(self, b, site: Site):
-        """Insert nodes after the site's op; return the node that replaces its output."""
-        raise NotImplementedError
+        """Insert nodes at the site's op; return the node that replaces its output (``b.y``: none)."""
+        return b.y
 
     def merge_delta(self, site: Site, state: nn.Module) -> dict[str, torch.Tensor] | None:
         """``{base parameter name: float32 delta in its layout}``; None if not mergeable."""
@@ -63,9 +90,13 @@ class Adapter:
         """Whether this kind defines :meth:`merge_delta`."""
         return type(self).merge_delta is not Adapter.merge_delta
 
-    def state_keys(self, site: Site) -> dict[str, str]:
-        """``{state attribute: on-disk key suffix}``; the default is the attribute name."""
-        return {}
+    def saved_state(self, site: Site, state: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors saved for this site, by full on-disk key.
+
+        ``prefix`` is the site's PEFT key prefix (``base_model.model.<path>.``);
+        the default saves every parameter under it by attribute name.
+        """
+        return {prefix + name: p for name, p in state.named_parameters()}
 
     def config(self) -> dict[str, Any]:
         """The spec as plain data: ``{"kind": ..., **arguments}``."""

@@ -121,8 +121,8 @@ class LoRA(Adapter):
         delta = state.scaling.float() * (state.lora_B.float() @ state.lora_A.float())
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 
-    def state_keys(self, site):
-        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    def saved_state(self, site, state, prefix):
+        return {f"{prefix}lora_A.weight": state.lora_A, f"{prefix}lora_B.weight": state.lora_B}
 
     def config(self):
         out = {"kind": self.kind, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,

@@ -27,20 +27,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def site_key(site) -> str:
-    """The module path a site's state is saved under (its weight path for non-``weight`` params)."""
-    return site.path if site.weight_name == "weight" else site.weight_path
-
-
 def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
     """Every tensor adapter ``name`` would save, under PEFT's keys."""
     out = {}
     for p in cm.sites:
         if p.adapter_name != name:
             continue
-        keys = p.adapter.state_keys(p.site)
-        for attr, tensor in p.state.named_parameters():
-            out[f"{PREFIX}{site_key(p.site)}.{keys.get(attr, attr)}"] = tensor
+        out.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.site.key}."))
     for path, clone in cm._saved.get(name, {}).items():
         for pname, tensor in clone.named_parameters():
             out[f"{PREFIX}{path}.{pname}"] = tensor
@@ -62,7 +55,7 @@ def lora_config(cm, name: str) -> dict:
     use_rslora = rslora == {True}
     if len(rslora) > 1:
         raise PeftcError(f"adapter {name!r} mixes rsLoRA and plain LoRA sites; PEFT can't express that")
-    alphas = {site_key(p.site): _alpha(p, use_rslora) for p in placements}
+    alphas = {p.site.key: _alpha(p, use_rslora) for p in placements}
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
     dropouts = {p.adapter.dropout for p in placements}
     if len(dropouts) > 1:
@@ -79,7 +72,7 @@ def lora_config(cm, name: str) -> dict:
         "lora_dropout": max(dropouts, default=0.0),
         "target_modules": sorted(alphas),
         "rank_pattern": {re.escape(k): p.state.r for p in placements
-                         if p.state.r != r and (k := site_key(p.site))},
+                         if p.state.r != r and (k := p.site.key)},
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
         "use_rslora": use_rslora,
         "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),

@@ -1,17 +1,21 @@
-"""Insert adapter nodes after the ops at their sites.
+"""Insert adapter nodes at their sites, and strip them out again.
 
 Before and after, for a LoRA on one linear (see ``adapters/lora.py`` for the
 nodes LoRA emits)::
 
     %y = aten.linear(%x, %W)              %y  = aten.linear(%x, %W)
-    %z = aten.relu(%y)            ==>     %a  = aten.linear(%x, %peftc.default.fc.lora_A)
+    %z = aten.relu(%y)            ==>     %a  = aten.linear(%x, %peftc.adapters.default.fc.lora_A)
                                           ...
                                           %y2 = aten.add(%y, %d)
                                           %z  = aten.relu(%y2)
 
-Every inserted node carries ``meta["peftc"] = adapter name``; the node that
-replaces a site's output also carries ``meta["peftc_replaces"]``, so
-:func:`strip_adapters` can undo the pass exactly.
+An adapter kind with ``position = "before"`` (prefix tuning) emits its nodes in
+front of the op and rewires the op's inputs instead.
+
+Every inserted node carries ``meta["peftc"] = adapter name``; a node that
+replaces a site's output carries ``meta["peftc_replaces"]``, and a rewired op
+carries its original inputs in ``meta["peftc_inputs"]``, so
+:func:`strip_adapters` undoes the pass exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class Placement:
         site: where (module path, op, shapes, graph nodes).
         adapter: the adapter spec.
         adapter_name: which named adapter this belongs to (``"default"``).
-        state: the site's parameters and buffers.
+        state: the site's parameters and buffers (shared between sites for some kinds).
         target: the state's attribute path under the graph module's ``peftc``.
     """
 
@@ -65,17 +69,19 @@ class Placement:
 
 
 class Builder:
-    """What an adapter's ``emit`` writes with: its input, output, state, and ops.
+    """What an adapter's ``emit`` writes with: the op, its input and output, state, and ops.
 
     Attributes:
-        x: the site op's input node (the activation).
-        y: the node holding the site's current output.
+        node: the site's op node.
+        x: the op's input node (the activation).
+        y: the node holding the op's current output.
         state: the site's state module (read its shapes and dtypes).
         training: whether this graph is for training mode.
     """
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, x, y, placement: Placement, training: bool):
-        self.graph, self.x, self.y = graph, x, y
+    def __init__(self, graph: fx.Graph, node: fx.Node, anchor: fx.Node, y: fx.Node,
+                 placement: Placement, training: bool):
+        self.graph, self.node, self.x, self.y = graph, node, site_input(node), y
         self.state, self.training = placement.state, training
         self._placement, self._last = placement, anchor
         self.created: set[fx.Node] = set()
@@ -87,18 +93,20 @@ class Builder:
         return node
 
     def param(self, name: str) -> fx.Node:
-        """A node reading the state attribute ``name`` (a parameter or buffer)."""
+        """A node reading the state's parameter or buffer ``name`` (dotted for submodules)."""
         with self.graph.inserting_after(self._last):
             node = self.graph.get_attr(f"{STATE_ROOT}.{self._placement.target}.{name}")
-        node.meta["peftc_dtype"] = getattr(self.state, name).dtype
+        module_path, _, attr = name.rpartition(".")
+        node.meta["peftc_dtype"] = getattr(self.state.get_submodule(module_path), attr).dtype
         return self._add(node)
 
     def call(self, op, *args, **kwargs) -> fx.Node:
         """A node computing ``op(*args, **kwargs)``; ``op`` is an ATen overload."""
         with self.graph.inserting_after(self._last):
             node = self.graph.call_function(op, args, kwargs)
-        dtypes = [dtype_of(a) for a in args if isinstance(a, fx.Node)]
-        dtypes = [d for d in dtypes if d is not None]
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((args, kwargs), lambda n: inputs.append(n) or n)
+        dtypes = [d for n in inputs if (d := dtype_of(n)) is not None]
         if dtypes:
             out = dtypes[0]
             for d in dtypes[1:]:
@@ -113,6 +121,25 @@ class Builder:
         out = self.call(torch.ops.aten.to.dtype, node, dtype)
         out.meta["peftc_dtype"] = dtype
         return out
+
+    def dtype_of(self, node: fx.Node) -> torch.dtype | None:
+        return dtype_of(node)
+
+    def arg(self, index: int, name: str | None = None):
+        """The op's input at position ``index`` (or keyword ``name``); None when absent."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name) if name else None
+
+    def replace_input(self, index: int, value, name: str | None = None) -> None:
+        """Rewire the op's input ``index`` (keyword ``name`` when not given positionally)."""
+        self.node.meta.setdefault("peftc_inputs", (self.node.args, dict(self.node.kwargs)))
+        if index < len(self.node.args) or name is None:
+            args = list(self.node.args)
+            args[index] = value
+            self.node.args = tuple(args)
+        else:
+            self.node.kwargs = {**self.node.kwargs, name: value}
 
 
 def dtype_of(node: fx.Node) -> torch.dtype | None:
@@ -146,19 +173,24 @@ def insert_adapters(gm: fx.GraphModule, placements: list[Placement], sites: dict
         for name in here.nodes if here is not None else ():
             node = nodes[name]
             y = current.get(name, node)
-            b = Builder(gm.graph, y, site_input(node), y, p, training)
-            new = p.adapter.emit(b, p.site)
-            new.meta["peftc_replaces"] = y
-            y.replace_all_uses_with(new, delete_user_cb=lambda user, made=b.created: user not in made)
-            current[name] = new
+            anchor = node.prev if p.adapter.position == "before" else y
+            b = Builder(gm.graph, node, anchor, y, p, training)
+            new = p.adapter.emit(b, here)
+            if new is not y:
+                new.meta["peftc_replaces"] = y
+                y.replace_all_uses_with(new, delete_user_cb=lambda user, made=b.created: user not in made)
+                current[name] = new
             count += 1
     gm.recompile()
     return count
 
 
 def strip_adapters(gm: fx.GraphModule) -> int:
-    """Delete every inserted node, rewiring users back to the original outputs."""
+    """Delete every inserted node, rewiring users back to the original outputs and inputs."""
     made = [n for n in gm.graph.nodes if "peftc" in n.meta]
+    for node in gm.graph.nodes:
+        if "peftc_inputs" in node.meta:
+            node.args, node.kwargs = node.meta.pop("peftc_inputs")
     for node in reversed(made):
         if "peftc_replaces" in node.meta:
             node.replace_all_uses_with(node.meta["peftc_replaces"])

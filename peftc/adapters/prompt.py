@@ -1,0 +1,139 @@
+"""Prompt tuning: learned virtual-token embeddings in front of the input embeddings.
+
+This is a rewrite of the input boundary, not of one op: a wrapper around the
+model looks up the input embeddings itself, prepends the prompt, extends the
+attention mask (virtual tokens visible), pads token-level labels with -100 and
+``token_type_ids`` with 0, and calls the model with ``inputs_embeds``. The
+wrapper is traced with the model, so the graph gains, in front of the model::
+
+    %e  = aten.embedding(%embed_tokens.weight, %input_ids)
+    %p  = aten.expand(aten.unsqueeze(%peftc.<name>.prompt.embedding, 0), [B, -1, -1])
+    %x  = aten.cat([%p, %e], 1)                    # the model runs on %x
+    %m  = aten.cat([ones(B, n), %attention_mask], 1)
+
+Rewriting the boundary (rather than splicing a ``cat`` after the embedding op)
+is what makes every length-dependent computation downstream (positions, causal
+masks, the label shift) see ``n + L`` tokens, exactly as PEFT's model does.
+Outputs follow PEFT: causal-LM logits include the virtual positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import RuleError
+from .base import Adapter
+
+_INITS = ("random", "text", "vocab")
+
+
+def check_virtual_tokens(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise RuleError(f"num_virtual_tokens={n!r} must be a positive integer")
+
+
+def check_positions(model: nn.Module, n: int, kind: str) -> None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and n >= limit:
+        raise RuleError(
+            f"{kind}(num_virtual_tokens={n}) leaves no room for real tokens: the model has "
+            f"{limit} positions. Use fewer virtual tokens"
+        )
+
+
+class PromptState(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(weight)
+
+
+class Prompt(Adapter):
+    """Prompt tuning (PEFT's ``PromptTuningConfig``).
+
+    Arguments:
+        num_virtual_tokens: how many virtual tokens to prepend, > 0.
+        init: ``"random"`` (standard normal, PEFT's RANDOM), ``"text"`` (the
+            embeddings of ``text``'s tokens, repeated or cut to length, PEFT's
+            TEXT), or ``"vocab"`` (embeddings of tokens sampled from the
+            vocabulary, PEFT's SAMPLE_VOCAB).
+        text, tokenizer: for ``init="text"``: the text and a tokenizer (any
+            callable returning ``{"input_ids": [...]}``).
+    """
+
+    kind = "prompt"
+
+    def __init__(self, num_virtual_tokens: int, init: str = "random", text: str | None = None,
+                 tokenizer=None):
+        check_virtual_tokens(num_virtual_tokens)
+        if init not in _INITS:
+            raise RuleError(f"Prompt init={init!r} must be one of {_INITS}")
+        if init == "text" and (not text or tokenizer is None):
+            raise RuleError('Prompt(init="text") needs text="..." and a tokenizer')
+        self.num_virtual_tokens, self.init, self.text, self.tokenizer = num_virtual_tokens, init, text, tokenizer
+
+    def default_selector(self):
+        from ..match import input_embeddings
+
+        return input_embeddings()
+
+    def unsupported(self, site):
+        if not site.input_embedding:
+            return "Prompt goes on the model's input-embedding lookup (peftc.input_embeddings())"
+        return None
+
+    def init_states(self, sites, model):
+        check_positions(model, self.num_virtual_tokens, "Prompt")
+        table = model.get_input_embeddings().weight
+        n = self.num_virtual_tokens
+        with torch.no_grad():
+            if self.init == "random":
+                weight = torch.randn(n, table.shape[1], device=table.device)
+            else:
+                ids = self._init_ids(table.shape[0]).to(table.device)
+                weight = table[ids].detach().float().clone()
+        state = PromptState(weight.float())
+        return [("prompt", state) for _ in sites]
+
+    def _init_ids(self, vocab: int) -> torch.Tensor:
+        n = self.num_virtual_tokens
+        if self.init == "vocab":
+            return torch.randint(0, vocab, (n,))
+        ids = list(self.tokenizer(self.text)["input_ids"])
+        if not ids:
+            raise RuleError(f"Prompt init text {self.text!r} tokenizes to nothing")
+        ids = (ids * math.ceil(n / len(ids)))[:n]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def rewrite_inputs(self, model, state, kwargs):
+        if "input_ids" not in kwargs:
+            raise RuleError("prompt tuning needs input_ids (it looks up their embeddings itself)")
+        if "position_ids" in kwargs:
+            raise RuleError("prompt tuning numbers positions itself (virtual tokens first); drop position_ids")
+        ids = kwargs.pop("input_ids")
+        embeds = model.get_input_embeddings()(ids)
+        batch, n = ids.shape[0], self.num_virtual_tokens
+        prompt = state.embedding.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        pads = {"attention_mask": 1, "token_type_ids": 0}
+        for name, value in pads.items():
+            if name in kwargs:
+                t = kwargs[name]
+                kwargs[name] = torch.cat([t.new_full((batch, n), value), t], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() >= 2:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        return kwargs
+
+    def saved_state(self, site, state, prefix):
+        return {"prompt_embeddings": state.embedding}
+
+    def config(self):
+        return {"kind": self.kind, "num_virtual_tokens": self.num_virtual_tokens, "init": self.init,
+                "text": self.text}
+
+    def __repr__(self):
+        return f"Prompt(num_virtual_tokens={self.num_virtual_tokens}, init={self.init!r})"

@@ -1,0 +1,41 @@
+"""The input boundary: a wrapper traced around the model when an adapter rewrites its inputs.
+
+Prompt tuning prepends embeddings and prefix tuning shifts positions before the
+model's forward runs. Both are Python over the model's keyword inputs; tracing
+the wrapper below (instead of the bare model) puts that code into the graph,
+ahead of the model's own ops. The model sits at ``model.`` in the traced graph,
+the adapter state at ``peftc.``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+PREFIX = "model."
+
+
+class Boundary(nn.Module):
+    """``forward(inputs)``: apply each adapter's ``rewrite_inputs`` to the dict of keyword
+    inputs, then call the model. (One dict rather than ``**kwargs``: export can't give
+    variable keyword arguments dynamic shapes.)"""
+
+    def __init__(self, model: nn.Module, state_root: nn.Module, rewrites: list[tuple[object, str]]):
+        super().__init__()
+        self.model = model
+        self.peftc = state_root
+        self._rewrites = rewrites  # (adapter, state path under peftc)
+
+    def forward(self, kwargs: dict):
+        for adapter, target in self._rewrites:
+            kwargs = adapter.rewrite_inputs(self.model, self.peftc.get_submodule(target), dict(kwargs))
+        return self.model(**kwargs)
+
+
+def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Bind positional arguments to the model's parameter names."""
+    if not args:
+        return kwargs
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
