@@ -22,7 +22,15 @@ from torch import fx, nn
 from .boundary import PREFIX, Boundary, as_keywords
 from .passes.insert import STATE_ROOT, Placement, insert_adapters, strip_adapters
 from .passes.lower import lower
-from .passes.merge import apply_deltas, check_finite, mergeable_or_raise
+from .passes.bias import attach_biases, detach_biases
+from .passes.merge import (
+    apply_deltas,
+    check_finite,
+    create_biases,
+    mergeable_or_raise,
+    missing_biases,
+    remove_biases,
+)
 from .passes.swap import swap_params, unswap_params
 from .sites import Site, find_sites
 from .trace import Trace, signature, trace, with_defaults
@@ -33,6 +41,7 @@ class _Variant:
     trace: Trace
     gm: fx.GraphModule
     fn: Callable
+    traced_merged: bool = False  # traced while merged: its graph may read merge-created biases
 
 
 def set_path(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -62,6 +71,7 @@ class CompiledModel(nn.Module):
         self._placements: list[Placement] = []
         self._saved: dict[str, dict[str, nn.Module]] = {}
         self._stash: dict[str, torch.Tensor] = {}
+        self._created_biases: list[str] = []  # biases merge created on bias-less linears
         self._options: dict[str, dict] = {}  # per adapter: bias, modules_to_save, task_type
         self._merged = False
         self._variants: dict[tuple, list[_Variant]] = {}
@@ -102,9 +112,11 @@ class CompiledModel(nn.Module):
     def _build(self, t: Trace) -> _Variant:
         gm = t.module()
         gm.add_module(STATE_ROOT, self.peftc)
-        variant = _Variant(t, gm, gm)
+        variant = _Variant(t, gm, gm, traced_merged=self._merged)
         if not self._merged:
             self._adapt(variant)
+        else:
+            attach_biases(gm, self.base_model, self._created_biases, t.prefix)
         variant.fn = lower(gm, self._backend)
         return variant
 
@@ -198,11 +210,13 @@ class CompiledModel(nn.Module):
             warnings.warn("adapters are already merged; nothing to do", stacklevel=2)
             return
         mergeable_or_raise(self._placements)
+        missing = missing_biases(self.base_model, self._placements)
         if safe:
             check_finite(self.base_model, self._placements, +1)
             for copies in self._saved.values():
                 for path, clone in copies.items():
                     _check_module_finite(path, clone)
+        self._created_biases = create_biases(self.base_model, missing)
         apply_deltas(self.base_model, self._placements, +1, progress)
         with torch.no_grad():
             for copies in self._saved.values():
@@ -216,6 +230,7 @@ class CompiledModel(nn.Module):
             for v in variants:
                 strip_adapters(v.gm)
                 unswap_params(v.gm)
+                attach_biases(v.gm, self.base_model, self._created_biases, v.trace.prefix)
         self._relower()
 
     def unmerge(self, progress: bool | None = None) -> None:
@@ -228,6 +243,13 @@ class CompiledModel(nn.Module):
             for path, value in self._stash.items():
                 self.base_model.get_parameter(path).copy_(value)
         self._stash.clear()
+        if self._created_biases:  # graphs traced while merged read biases about to go
+            self._variants = {k: [v for v in vs if not v.traced_merged] for k, vs in self._variants.items()}
+        for variants in self._variants.values():
+            for v in variants:
+                detach_biases(v.gm)
+        remove_biases(self.base_model, self._created_biases)
+        self._created_biases = []
         self._merged = False
         for variants in self._variants.values():
             for v in variants:

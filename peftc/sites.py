@@ -74,6 +74,10 @@ class Site:
         return f"{self.path}.{self.weight_name}" if self.path else self.weight_name
 
     @property
+    def bias_name_or_default(self) -> str:
+        return self.bias_name or "bias"
+
+    @property
     def key(self) -> str:
         """Where the site's state lives and is saved: its module path, or its weight
         path when the weight isn't called ``weight``."""

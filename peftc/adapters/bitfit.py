@@ -45,7 +45,7 @@ class BitFit(Adapter):
         return b.call(aten.add.Tensor, b.y, bias)
 
     def merge_delta(self, site, state):
-        return {site.bias_name or "bias": state.bias.detach().float()}
+        return {site.bias_name_or_default: state.bias.detach().float()}
 
     def saved_state(self, site, state, prefix):
         return {f"{prefix}bitfit.bias": state.bias}

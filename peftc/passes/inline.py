@@ -40,9 +40,9 @@ def inline_grad_regions(gm: fx.GraphModule) -> int:
                 if inner.op == "placeholder":
                     continue
                 if inner.op == "output":
-                    outputs = fx.map_arg(inner.args[0], lambda n: env[n])
+                    outputs = fx.map_arg(inner.args[0], env.__getitem__)
                     continue
-                env[inner] = graph.node_copy(inner, lambda n: env[n])
+                env[inner] = graph.node_copy(inner, env.__getitem__)
             graph.call_function(torch._C._set_grad_enabled, (prev,))
         for user in list(node.users):
             assert user.target is operator.getitem, "grad region outputs are read with getitem"

@@ -22,7 +22,11 @@ def _deltas(model: nn.Module, p: Placement):
         yield path, _target_param(model, p, path, delta), delta
 
 
-def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor) -> nn.Parameter:
+def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor) -> nn.Parameter | None:
+    """The parameter a delta goes into; None for a bias the op doesn't have yet."""
+    module_path, _, name = path.rpartition(".")
+    if getattr(model.get_submodule(module_path), name, None) is None and name == p.site.bias_name_or_default:
+        return None
     try:
         param = model.get_parameter(path)
     except AttributeError as e:
@@ -32,10 +36,51 @@ def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor
     return param
 
 
+def missing_biases(model: nn.Module, placements: list[Placement]) -> list[tuple[Placement, str]]:
+    """Deltas aimed at a bias the op doesn't have: ``(placement, bias path)``.
+
+    Raises:
+        MergeError: when the op can't take a bias (``mm``/``matmul``), before anything changes.
+    """
+    out = []
+    for p in placements:
+        for path, param, _ in _deltas(model, p):
+            if param is None:
+                if p.site.op != "aten.linear.default":
+                    raise MergeError(
+                        f"{p}: {p.site.op} has no bias operand, so a bias delta can't fold into it; "
+                        "nothing was merged. Put BitFit on linear or addmm ops only to merge it"
+                    )
+                out.append((p, path))
+    return out
+
+
+@torch.no_grad()
+def create_biases(model: nn.Module, missing: list[tuple[Placement, str]]) -> list[str]:
+    """Register a zero bias for each missing one; return their paths (for :func:`remove_biases`)."""
+    created = []
+    for p, path in missing:
+        module_path, _, name = path.rpartition(".")
+        module = model.get_submodule(module_path)
+        weight = model.get_parameter(p.site.weight_path)
+        module.register_parameter(name, nn.Parameter(weight.new_zeros(p.site.out_features), requires_grad=False))
+        created.append(path)
+    return created
+
+
+def remove_biases(model: nn.Module, created: list[str]) -> None:
+    """Undo :func:`create_biases`: the modules hold ``None`` biases again."""
+    for path in created:
+        module_path, _, name = path.rpartition(".")
+        model.get_submodule(module_path).register_parameter(name, None)
+
+
 def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -> None:
     """Raise if any merged (or unmerged) weight would hold a NaN or infinity; change nothing."""
     for p in placements:
         for path, param, delta in _deltas(model, p):
+            if param is None:
+                param = delta.new_zeros(delta.shape)
             new = _wide(param) + sign * delta.to(param.device)
             if not torch.isfinite(delta).all() or not torch.isfinite(new.to(param.dtype)).all():
                 raise MergeError(
@@ -51,7 +96,9 @@ def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progr
     desc = "merging" if sign > 0 else "unmerging"
     bar = tqdm(placements, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
     for p in bar:
-        for _, param, delta in _deltas(model, p):
+        for path, param, delta in _deltas(model, p):
+            if param is None:
+                raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
             param.copy_((_wide(param) + sign * delta.to(param.device)).to(param.dtype))
 
 
