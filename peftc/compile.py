@@ -7,9 +7,9 @@ from collections.abc import Callable
 from torch import nn
 
 from .errors import RuleError
+from .match import discover
 from .program import CompiledModel
 from .rules import load_rules, resolve
-from .sites import find_sites
 from .trace import call_inputs, signature, trace, with_defaults
 
 
@@ -49,12 +49,13 @@ def compile(
     kwargs = with_defaults(model, kwargs)
     key = signature(args, kwargs, model.training)
     first = trace(model, args, kwargs, key)
-    sites = find_sites(first.module(), model)
+    selectors = [rule.selector for rule in ruleset.rules]
+    sites = discover(first.module(), model, "", selectors)
     matched = [(site, rule.adapter) for site, rule in resolve(ruleset.rules, sites)]
     saved = _modules_to_save(model, ruleset.modules_to_save + list(modules_to_save or []))
 
     cm = CompiledModel(model, backend, first)
-    cm._add_placements(adapter_name, matched)
+    cm._add_placements(adapter_name, matched, selectors)
     cm._add_saved(adapter_name, saved)
     cm._options[adapter_name] = {
         "bias": ruleset.bias, "modules_to_save": ruleset.modules_to_save + list(modules_to_save or []),

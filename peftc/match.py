@@ -16,7 +16,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-from .sites import Site, layer_index
+from torch import fx, nn
+
+from .sites import Site, find_sites, layer_index
+
+
+def discover(gm: fx.GraphModule, model: nn.Module, prefix: str, selectors: Iterable[Selector]) -> list[Site]:
+    """Every site of ``gm``: its op sites plus those the selectors find themselves."""
+    sites = find_sites(gm, model, prefix)
+    known = {s.weight_path for s in sites}
+    for selector in selectors:
+        for site in selector.extra_sites(gm, model, prefix):
+            if site.weight_path not in known:
+                known.add(site.weight_path)
+                sites.append(site)
+    return sites
 
 
 class Selector:
@@ -31,6 +45,11 @@ class Selector:
     def hint(self) -> str | None:
         """A module-path pattern, used to suggest near misses when nothing matches."""
         return None
+
+    def extra_sites(self, gm: fx.GraphModule, model: nn.Module, prefix: str) -> list[Site]:
+        """Sites this selector finds itself (subgraph patterns), beyond the op sites
+        every graph has. Called on every graph peftc builds."""
+        return []
 
     def __or__(self, other: Selector) -> Selector:
         return _Combine("|", (self, other))
@@ -59,6 +78,9 @@ class _Combine(Selector):
     def hint(self) -> str | None:
         return next((h for p in self.parts if (h := p.hint())), None)
 
+    def extra_sites(self, gm, model, prefix):
+        return [s for p in self.parts for s in p.extra_sites(gm, model, prefix)]
+
 
 class _Not(Selector):
     def __init__(self, inner: Selector):
@@ -69,6 +91,9 @@ class _Not(Selector):
 
     def describe(self) -> str:
         return f"~{self.inner.describe()}"
+
+    def extra_sites(self, gm, model, prefix):
+        return self.inner.extra_sites(gm, model, prefix)
 
 
 class _Where(Selector):

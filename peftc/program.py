@@ -20,9 +20,10 @@ import torch
 from torch import fx, nn
 
 from .boundary import PREFIX, Boundary, as_keywords
+from .match import discover
+from .passes.bias import attach_biases, detach_biases
 from .passes.insert import STATE_ROOT, Placement, insert_adapters, strip_adapters
 from .passes.lower import lower
-from .passes.bias import attach_biases, detach_biases
 from .passes.merge import (
     apply_deltas,
     check_finite,
@@ -32,7 +33,7 @@ from .passes.merge import (
     remove_biases,
 )
 from .passes.swap import swap_params, unswap_params
-from .sites import Site, find_sites
+from .sites import Site
 from .trace import Trace, signature, trace, with_defaults
 
 
@@ -76,11 +77,13 @@ class CompiledModel(nn.Module):
         self._merged = False
         self._variants: dict[tuple, list[_Variant]] = {}
         self._rewrites: list[tuple[object, str]] = []  # adapters that rewrite the model's inputs
+        self._selectors: list = []  # the rules' selectors: some find sites of their own
         self._first = first
 
     # -- building -------------------------------------------------------------
 
-    def _add_placements(self, name: str, matched: list[tuple[Site, object]]) -> None:
+    def _add_placements(self, name: str, matched: list[tuple[Site, object]], selectors: list) -> None:
+        self._selectors += selectors
         tree = self.peftc.adapters[name] = nn.Module()
         by_adapter: dict[int, tuple[object, list[Site]]] = {}
         for site, adapter in matched:
@@ -121,7 +124,8 @@ class CompiledModel(nn.Module):
         return variant
 
     def _adapt(self, v: _Variant) -> None:
-        sites = {s.weight_path: s for s in find_sites(v.gm, self.base_model, v.trace.prefix)}
+        found = discover(v.gm, self.base_model, v.trace.prefix, self._selectors)
+        sites = {s.weight_path: s for s in found}
         for name, copies in self._saved.items():
             swap_params(v.gm, copies, f"saved.{name}", v.trace.prefix)
         insert_adapters(v.gm, self._placements, sites, training=v.trace.key[0])

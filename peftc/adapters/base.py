@@ -81,9 +81,21 @@ class Adapter:
         """Insert nodes at the site's op; return the node that replaces its output (``b.y``: none)."""
         return b.y
 
-    def merge_delta(self, site: Site, state: nn.Module) -> dict[str, torch.Tensor] | None:
-        """``{base parameter name: float32 delta in its layout}``; None if not mergeable."""
-        return None
+    def merge_delta(self, site: Site, state: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What merging adds to the site's parameters: ``{parameter name: delta}``.
+
+        Arguments:
+            weights: the site module's own parameters (``"weight"``, ``"bias"``...),
+                widened to float32 (float64 stays), for kinds whose delta depends on them.
+
+        A kind that doesn't define this cannot merge.
+        """
+        raise NotImplementedError
+
+    def unmerge_delta(self, site: Site, state: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What unmerging subtracts, given the *merged* parameters. The default, the
+        merge delta again, is right for additive kinds; a multiplicative kind overrides it."""
+        return self.merge_delta(site, state, weights)
 
     @property
     def mergeable(self) -> bool:

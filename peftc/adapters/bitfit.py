@@ -44,7 +44,7 @@ class BitFit(Adapter):
         bias = b.cast(b.param("bias"), site.dtype)
         return b.call(aten.add.Tensor, b.y, bias)
 
-    def merge_delta(self, site, state):
+    def merge_delta(self, site, state, weights):
         return {site.bias_name_or_default: state.bias.detach().float()}
 
     def saved_state(self, site, state, prefix):

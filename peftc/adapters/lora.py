@@ -117,7 +117,7 @@ class LoRA(Adapter):
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
-    def merge_delta(self, site, state):
+    def merge_delta(self, site, state, weights):
         delta = state.scaling.float() * (state.lora_B.float() @ state.lora_A.float())
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 

@@ -7,6 +7,8 @@ weights' dtype, then rounded once. The graph side of merging is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -15,9 +17,26 @@ from ..errors import MergeError
 from .insert import Placement
 
 
-def _deltas(model: nn.Module, p: Placement):
-    deltas = p.adapter.merge_delta(p.site, p.state)
-    for name, delta in deltas.items():
+class _Widened(Mapping):
+    """A module's own parameters, widened to float32 only when an adapter reads one."""
+
+    def __init__(self, module: nn.Module):
+        self._params = dict(module.named_parameters(recurse=False))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _wide(self._params[name].detach())
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self):
+        return len(self._params)
+
+
+def _deltas(model: nn.Module, p: Placement, sign: int = 1):
+    weights = _Widened(model.get_submodule(p.site.path))
+    fn = p.adapter.merge_delta if sign > 0 else p.adapter.unmerge_delta
+    for name, delta in fn(p.site, p.state, weights).items():
         path = f"{p.site.path}.{name}" if p.site.path else name
         yield path, _target_param(model, p, path, delta), delta
 
@@ -78,7 +97,7 @@ def remove_biases(model: nn.Module, created: list[str]) -> None:
 def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -> None:
     """Raise if any merged (or unmerged) weight would hold a NaN or infinity; change nothing."""
     for p in placements:
-        for path, param, delta in _deltas(model, p):
+        for path, param, delta in _deltas(model, p, sign):
             if param is None:
                 param = delta.new_zeros(delta.shape)
             new = _wide(param) + sign * delta.to(param.device)
@@ -96,7 +115,7 @@ def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progr
     desc = "merging" if sign > 0 else "unmerging"
     bar = tqdm(placements, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
     for p in bar:
-        for path, param, delta in _deltas(model, p):
+        for path, param, delta in _deltas(model, p, sign):
             if param is None:
                 raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
             param.copy_((_wide(param) + sign * delta.to(param.device)).to(param.dtype))
