@@ -12,6 +12,7 @@ from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
 from .compile import compile
 from .errors import MergeError, PeftcError, RuleError, TraceError
+from .load import from_pretrained
 from .match import Selector, attention, embedding, input_embeddings, linear, module, op, where
 from .passes.insert import Builder, Placement
 from .program import CompiledModel
@@ -38,6 +39,7 @@ __all__ = [
     "attention",
     "compile",
     "embedding",
+    "from_pretrained",
     "input_embeddings",
     "linear",
     "load_rules",

@@ -17,9 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..adapters.lora import LoRA
+from ..adapters.prefix import Prefix
+from ..adapters.prompt import Prompt
 from ..errors import PeftcError
 
 CONFIG_NAME = "adapter_config.json"
@@ -30,14 +34,107 @@ PREFIX = "base_model.model."
 def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
     """Every tensor adapter ``name`` would save, under PEFT's keys."""
     out = {}
+    prompt_learning = False
     for p in cm.sites:
         if p.adapter_name != name:
             continue
+        prompt_learning |= isinstance(p.adapter, (Prompt, Prefix))
         out.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.site.key}."))
+    # PEFT keys a prompt-learning adapter's modules_to_save copies one level up.
+    copies = "base_model." if prompt_learning else PREFIX
     for path, clone in cm._saved.get(name, {}).items():
         for pname, tensor in clone.named_parameters():
-            out[f"{PREFIX}{path}.{pname}"] = tensor
+            out[f"{copies}{path}.{pname}"] = tensor
     return out
+
+
+def adapter_config(cm, name: str) -> dict:
+    """The PEFT config dict for adapter ``name`` (LoRA, prompt or prefix tuning)."""
+    kinds = {type(p.adapter) for p in cm.sites if p.adapter_name == name}
+    if kinds == {Prompt} or kinds == {Prefix}:
+        return _prompt_learning_config(cm, name, kinds.pop())
+    return lora_config(cm, name)
+
+
+def _prompt_learning_config(cm, name: str, kind: type) -> dict:
+    placement = next(p for p in cm.sites if p.adapter_name == name)
+    spec, config = placement.adapter, getattr(cm.base_model, "config", None)
+    out = {
+        "peft_type": "PROMPT_TUNING" if kind is Prompt else "PREFIX_TUNING",
+        "task_type": cm._options.get(name, {}).get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "inference_mode": True,
+        "num_virtual_tokens": spec.num_virtual_tokens,
+        "num_transformer_submodules": 1,
+        "modules_to_save": cm._options.get(name, {}).get("modules_to_save") or None,
+    }
+    if kind is Prompt:
+        out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
+                   prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
+                   token_dim=placement.state.embedding.shape[1])
+    else:
+        n, rows, kv_heads, head_dim = placement.state.shape
+        out.update(prefix_projection=False, encoder_hidden_size=spec.projection or kv_heads * head_dim,
+                   num_layers=rows // 2, token_dim=kv_heads * head_dim, num_attention_heads=kv_heads)
+    return out
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, tensors)`` of a PEFT-format adapter folder, safetensors only.
+
+    Raises:
+        PeftcError: a missing folder or file, invalid JSON, a pickle-only
+            checkpoint, or a corrupt safetensors file.
+    """
+    folder = Path(directory)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise PeftcError(f"adapter folder {folder} does not exist")
+    if not config_path.is_file():
+        raise PeftcError(f"{folder} has no {CONFIG_NAME}: not a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftcError(f"{config_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise PeftcError(f"{config_path} has no peft_type; it is not a PEFT adapter config")
+    if not weights_path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise PeftcError(f"{folder} holds only adapter_model.bin (pickle); peftc loads safetensors only. "
+                             "Re-save it with PEFT's save_pretrained(safe_serialization=True)")
+        raise PeftcError(f"{folder} has no {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PeftcError(f"{weights_path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from e
+    return config, tensors
+
+
+def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's tensors into adapter ``name``'s state, all or nothing.
+
+    Keys are PEFT's.
+
+    Raises:
+        PeftcError: naming every missing, unexpected, or wrongly shaped key.
+    """
+    expected = adapter_tensors(cm, name)
+    found = tensors
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
+             for k in expected if k in found and found[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"the adapter in {source} doesn't fit {type(cm.base_model).__name__}; was it saved for another model?"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+        raise PeftcError("\n".join(lines))
+    with torch.no_grad():
+        for key, target in expected.items():
+            if not isinstance(target, nn.Parameter) and not target.is_leaf:
+                raise PeftcError(f"{key} is computed (e.g. a prefix projection) and can't be loaded into")
+            target.copy_(found[key])
 
 
 def lora_config(cm, name: str) -> dict:
@@ -117,7 +214,7 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
             raise PeftcError(f"no adapter named {name!r}; adapters: {list(cm.peftc.adapters.keys())}")
         folder = root if name == "default" else root / name
         folder.mkdir(parents=True, exist_ok=True)
-        config = lora_config(cm, name)
+        config = adapter_config(cm, name)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
         _atomic_write(folder / WEIGHTS_NAME, lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}))
         _atomic_write(folder / CONFIG_NAME, lambda path, c=config: Path(path).write_text(json.dumps(c, indent=2)))
