@@ -10,7 +10,7 @@ from .errors import RuleError
 from .match import discover
 from .program import CompiledModel
 from .rules import load_rules, resolve
-from .trace import call_inputs, signature, trace, with_defaults
+from .trace import Trace, call_inputs, signature, trace, with_defaults
 
 
 def compile(
@@ -29,11 +29,11 @@ def compile(
             shared, never copied; its parameters are frozen (``requires_grad=False``)
             except for biases PEFT's ``bias`` option names.
         rules: Rules (``peftc.LoRA(r=8).on(peftc.linear(...))``), a rules dict
-            or file, or a PEFT ``LoraConfig`` (see :func:`peftc.load_rules`).
+            or file, or a PEFT config (see :func:`peftc.load_rules`).
         example_inputs: a dict of keyword arguments, a tuple, or a tensor. For
             a transformers text model it may be omitted.
         backend: a ``torch.compile`` backend name or callable; ``"eager"`` skips compilation.
-        adapter_name: the name of this adapter (PEFT's ``"default"``).
+        adapter_name: the name of this adapter (PEFT's ``"default"``); it is active.
         modules_to_save: module-name suffixes to train in full (added to the rules').
 
     Returns:
@@ -44,25 +44,33 @@ def compile(
         TraceError: the model could not be traced with ``example_inputs``.
         Nothing about ``model`` changes when an error is raised.
     """
-    ruleset = load_rules(rules, model)
     args, kwargs = call_inputs(model, example_inputs)
     kwargs = with_defaults(model, kwargs)
-    key = signature(args, kwargs, model.training)
-    first = trace(model, args, kwargs, key)
-    selectors = [rule.selector for rule in ruleset.rules]
-    sites = discover(first.module(), model, "", selectors)
-    matched = [(site, rule.adapter) for site, rule in resolve(ruleset.rules, sites)]
-    saved = _modules_to_save(model, ruleset.modules_to_save + list(modules_to_save or []))
-
+    first = trace(model, args, kwargs, signature(args, kwargs, model.training))
+    matched, selectors, saved, options = match_rules(model, rules, first, modules_to_save)
     cm = CompiledModel(model, backend, first)
-    cm._add_placements(adapter_name, matched, selectors)
-    cm._add_saved(adapter_name, saved)
-    cm._options[adapter_name] = {
-        "bias": ruleset.bias, "modules_to_save": ruleset.modules_to_save + list(modules_to_save or []),
-        "task_type": ruleset.task_type,
-    }
-    _freeze(model, ruleset.bias, {s.path for s, _ in matched})
+    cm._register(adapter_name, matched, selectors, saved, options)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_biases(model, options["bias"], {s.path for s, _ in matched})
+    cm.set_adapter(adapter_name)
+    cm._update_trainability()
     return cm
+
+
+def match_rules(model: nn.Module, rules, catalog: Trace, modules_to_save: list[str] | None):
+    """Resolve ``rules`` against the sites of ``catalog``'s graph.
+
+    Returns:
+        ``(matched (site, adapter) pairs, the rules' selectors, modules_to_save paths, options)``.
+    """
+    ruleset = load_rules(rules, model)
+    selectors = [rule.selector for rule in ruleset.rules]
+    sites = discover(catalog.module(), model, "", selectors)
+    matched = [(site, rule.adapter) for site, rule in resolve(ruleset.rules, sites)]
+    names = ruleset.modules_to_save + list(modules_to_save or [])
+    options = {"bias": ruleset.bias, "modules_to_save": names, "task_type": ruleset.task_type}
+    return matched, selectors, _modules_to_save(model, names), options
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
@@ -76,8 +84,11 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return paths
 
 
-def _freeze(model: nn.Module, bias: str, adapted: set[str]) -> None:
+def train_biases(model: nn.Module, bias: str, adapted: set[str]) -> None:
+    """PEFT's ``bias`` option: ``"all"`` biases train, or those of adapted modules (``"lora_only"``)."""
+    if bias == "none":
+        return
     for name, p in model.named_parameters():
         module_path, _, pname = name.rpartition(".")
-        trains = pname == "bias" and (bias == "all" or (bias == "lora_only" and module_path in adapted))
-        p.requires_grad_(trains)
+        if pname == "bias" and (bias == "all" or module_path in adapted):
+            p.requires_grad_(True)

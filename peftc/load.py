@@ -48,9 +48,9 @@ def from_pretrained(
     except BaseException:
         _restore(model, flags)
         raise
+    cm._trainable[adapter_name] = is_trainable
+    cm._update_trainability()
     if not is_trainable:
-        for p in cm.peftc.parameters():
-            p.requires_grad_(False)
         cm.eval()
     return cm
 

@@ -3,15 +3,23 @@
 :class:`CompiledModel` is an ``nn.Module`` over the user's own model. It holds
 
 - ``base_model``: the user's model (its parameters are the graph's; never copied);
-- ``peftc``: all adapter state, ``peftc.adapters.<name>.<module path>.<param>``
-  and ``peftc.saved.<name>.<module path>.<param>`` for ``modules_to_save`` copies;
-- one graph per input signature and mode, built lazily: trace, swap
-  ``modules_to_save`` reads, insert adapter nodes, lower.
+- ``peftc``: all adapter state: ``peftc.adapters.<name>.<module path>.<param>``,
+  ``peftc.saved.<name>.<module path>.<param>`` for ``modules_to_save`` copies,
+  and ``peftc.gates.<name>``, one boolean per adapter saying whether it is active;
+- one graph per input signature and mode, built lazily: trace, insert adapter
+  nodes (each adapter's output selected by its gate), lower.
+
+Which adapters are active lives in the gate tensors, not in the graph, so
+switching adapters or disabling them neither retraces nor recompiles. Only
+prompt and prefix adapters, which change sequence lengths, select a trace of
+their own (traced once per set of active prompt/prefix adapters, then cached).
+Adding, deleting, and managing adapters is in :mod:`peftc.lifecycle`.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +28,8 @@ import torch
 from torch import fx, nn
 
 from .boundary import PREFIX, Boundary, as_keywords
+from .errors import MergeError, RuleError
+from .lifecycle import AdapterLifecycle
 from .match import discover
 from .passes.bias import attach_biases, detach_biases
 from .passes.insert import STATE_ROOT, Placement, insert_adapters, strip_adapters
@@ -32,7 +42,7 @@ from .passes.merge import (
     missing_biases,
     remove_biases,
 )
-from .passes.swap import swap_params, unswap_params
+from .passes.swap import swap_params
 from .sites import Site
 from .trace import Trace, signature, trace, with_defaults
 
@@ -55,7 +65,7 @@ def set_path(root: nn.Module, dotted: str, module: nn.Module) -> None:
     root.add_module(leaf, module)
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(AdapterLifecycle, nn.Module):
     """The user's model with adapters inserted into its traced graph.
 
     Call it as the model (``cm(input_ids=..., labels=...)``); it returns what
@@ -64,50 +74,75 @@ class CompiledModel(nn.Module):
 
     def __init__(self, model: nn.Module, backend, first: Trace):
         super().__init__()
+        self.training = model.training
         self.base_model = model
         self.peftc = nn.Module()
         self.peftc.adapters = nn.ModuleDict()
         self.peftc.saved = nn.ModuleDict()
+        self.peftc.gates = nn.Module()
         self._backend = backend
         self._placements: list[Placement] = []
         self._saved: dict[str, dict[str, nn.Module]] = {}
-        self._stash: dict[str, torch.Tensor] = {}
-        self._created_biases: list[str] = []  # biases merge created on bias-less linears
         self._options: dict[str, dict] = {}  # per adapter: bias, modules_to_save, task_type
-        self._merged = False
-        self._variants: dict[tuple, list[_Variant]] = {}
-        self._rewrites: list[tuple[object, str]] = []  # adapters that rewrite the model's inputs
+        self._rewrites: list[tuple[str, object, str]] = []  # (name, adapter, target) of input rewriters
         self._selectors: list = []  # the rules' selectors: some find sites of their own
-        self._first = first
+        self._active: list[str] = []
+        self._trainable: dict[str, bool] = {}
+        self._disabled = False
+        self._merged = False
+        self._merged_names: list[str] = []
+        self._stash: dict[str, torch.Tensor] = {}  # originals of modules_to_save params while merged
+        self._created_biases: list[str] = []  # biases merge created on bias-less linears
+        self._variants: dict[tuple, list[_Variant]] = {}
+        self._catalog = first  # the first trace: where new rules find their sites
+        self._first = first  # reused once for the first call that fits it
 
     # -- building -------------------------------------------------------------
 
-    def _add_placements(self, name: str, matched: list[tuple[Site, object]], selectors: list) -> None:
-        self._selectors += selectors
-        tree = self.peftc.adapters[name] = nn.Module()
+    def _register(self, name: str, matched: list[tuple[Site, object]], selectors: list,
+                  saved_paths: list[str], options: dict, trainable: bool = True) -> None:
+        """Add adapter ``name``'s state (inactive); the caller activates it."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name == "__base__":
+            raise RuleError(f"adapter name {name!r} must be a Python identifier (and not '__base__')")
+        if name in self.peftc.adapters:
+            raise RuleError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first")
+        states = []
         by_adapter: dict[int, tuple[object, list[Site]]] = {}
         for site, adapter in matched:
             by_adapter.setdefault(id(adapter), (adapter, []))[1].append(site)
         for adapter, sites in by_adapter.values():
-            registered: set[str] = set()
             for site, (key, state) in zip(sites, adapter.init_states(sites, self.base_model), strict=True):
-                target = f"adapters.{name}.{key}"
-                if key not in registered:
-                    set_path(tree, key, state.to(site.device))
-                    registered.add(key)
-                    if adapter.rewrites_inputs:
-                        self._rewrites.append((adapter, target))
-                self._placements.append(Placement(site, adapter, name, state, target))
-        if self._rewrites:
+                if not any(True for _ in state.parameters()):
+                    raise RuleError(f"adapter kind {type(adapter).__name__} declares no parameters at {site.path}; "
+                                    "an adapter must add at least one trainable parameter")
+                states.append((adapter, site, key, state))
+        tree = nn.Module()
+        placements, rewrites = [], []
+        for adapter, site, key, state in states:
+            target = f"adapters.{name}.{key}"
+            if not _has_path(tree, key):
+                set_path(tree, key, state.to(site.device))
+                if adapter.rewrites_inputs:
+                    rewrites.append((name, adapter, target))
+            placements.append(Placement(site, adapter, name, state, target))
+        self.peftc.adapters[name] = tree
+        self.peftc.gates.register_buffer(name, torch.zeros(1, dtype=torch.bool, device=_device(self.base_model)))
+        self._placements += placements
+        self._rewrites += rewrites
+        self._selectors += selectors
+        self._add_saved(name, saved_paths)
+        self._options[name] = options
+        self._trainable[name] = trainable
+        if rewrites:
             self._first = None  # that trace has no input boundary
+        for p in tree.parameters():
+            p.requires_grad_(False)
 
     def _add_saved(self, name: str, paths: list[str]) -> None:
         tree = self.peftc.saved[name] = nn.Module()
         copies = {}
         for path in paths:
             clone = copy.deepcopy(self.base_model.get_submodule(path))
-            for p in clone.parameters():
-                p.requires_grad_(True)
             set_path(tree, path, clone)
             copies[path] = clone
         self._saved[name] = copies
@@ -127,38 +162,57 @@ class CompiledModel(nn.Module):
         found = discover(v.gm, self.base_model, v.trace.prefix, self._selectors)
         sites = {s.weight_path: s for s in found}
         for name, copies in self._saved.items():
-            swap_params(v.gm, copies, f"saved.{name}", v.trace.prefix)
+            swap_params(v.gm, copies, name, v.trace.prefix)
         insert_adapters(v.gm, self._placements, sites, training=v.trace.key[0])
 
-    def _relower(self) -> None:
+    def _refresh(self) -> None:
+        """Rebuild every cached graph's adapter nodes after adapters were added or deleted."""
         for variants in self._variants.values():
             for v in variants:
+                strip_adapters(v.gm)
+                if not self._merged:
+                    self._adapt(v)
                 v.fn = lower(v.gm, self._backend)
 
     # -- calling --------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward, adapted.
+
+        Arguments:
+            adapter_names: one adapter name per batch row (``"__base__"`` for
+                none) to run a mixed batch; see :meth:`~peftc.lifecycle.AdapterLifecycle.mixed_batch`.
+        """
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return self.forward(*args, **kwargs)
         args, kwargs = self._inputs(args, kwargs)
         variant = self._variant(args, kwargs)
         call_args, call_kwargs = variant.trace.call_args(args, kwargs)
         return variant.fn(*call_args, **call_kwargs)
 
+    def _active_rewrites(self) -> list[tuple[object, str]]:
+        if self._disabled:
+            return []
+        return [(adapter, target) for name, adapter, target in self._rewrites if name in self._active]
+
     def _inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = with_defaults(self.base_model, kwargs)
-        if self._rewrites:  # the input boundary takes keywords only
+        if self._active_rewrites():  # the input boundary takes keywords only
             return (), as_keywords(self.base_model, args, kwargs)
         return args, kwargs
 
     def _variant(self, args: tuple, kwargs: dict) -> _Variant:
-        key = signature(args, kwargs, self.base_model.training)
+        rewrites = self._active_rewrites()
+        key = (*signature(args, kwargs, self.base_model.training), tuple(t for _, t in rewrites))
         for v in self._variants.get(key, ()):
             if v.trace.accepts(args, kwargs):
                 return v
         first, self._first = self._first, None
-        if first is not None and first.key == key and first.accepts(args, kwargs):
+        if first is not None and not rewrites and first.key == key[:-1] and first.accepts(args, kwargs):
             t = first
-        elif self._rewrites:
-            boundary = Boundary(self.base_model, self.peftc, self._rewrites)
+        elif rewrites:
+            boundary = Boundary(self.base_model, self.peftc, rewrites)
             t = trace(self.base_model, args, kwargs, key, boundary, PREFIX)
         else:
             t = trace(self.base_model, args, kwargs, key)
@@ -179,7 +233,8 @@ class CompiledModel(nn.Module):
 
     @property
     def sites(self) -> list[Placement]:
-        """Every matched site: ``path``, ``op``, ``nodes``, ``site`` shapes, ``adapter``, ``num_params``."""
+        """Every matched site: ``path``, ``op``, ``nodes``, ``site`` shapes, ``adapter``,
+        ``adapter_name``, ``num_params``."""
         return list(self._placements)
 
     @property
@@ -203,50 +258,60 @@ class CompiledModel(nn.Module):
     # -- merging --------------------------------------------------------------
 
     def merge(self, safe: bool = False, progress: bool | None = None) -> None:
-        """Fold every adapter into the weights and delete the adapter nodes.
+        """Fold the active adapters into the weights and delete every adapter node.
 
         Arguments:
             safe: first check that no merged weight would be NaN or infinite;
                 on failure raise :class:`~peftc.MergeError` with every weight untouched.
             progress: show a progress bar (default: only for 64 sites or more).
+
+        Raises:
+            MergeError: an active adapter can't merge (prompt, prefix), two
+                active adapters save the same module, or (``safe``) non-finite
+                values. Nothing is merged then.
         """
         if self._merged:
             warnings.warn("adapters are already merged; nothing to do", stacklevel=2)
             return
-        mergeable_or_raise(self._placements)
-        missing = missing_biases(self.base_model, self._placements)
+        names = [] if self._disabled else list(self._active)
+        placements = [p for p in self._placements if p.adapter_name in names]
+        mergeable_or_raise(placements)
+        copies = self._merged_copies(names)
+        missing = missing_biases(self.base_model, placements)
         if safe:
-            check_finite(self.base_model, self._placements, +1)
-            for copies in self._saved.values():
-                for path, clone in copies.items():
-                    _check_module_finite(path, clone)
+            check_finite(self.base_model, placements, +1)
+            for path, clone in copies.items():
+                _check_module_finite(path, clone)
         self._created_biases = create_biases(self.base_model, missing)
-        apply_deltas(self.base_model, self._placements, +1, progress)
+        apply_deltas(self.base_model, placements, +1, progress)
         with torch.no_grad():
-            for copies in self._saved.values():
-                for path, clone in copies.items():
-                    for pname, p in clone.named_parameters():
-                        original = self.base_model.get_parameter(f"{path}.{pname}")
-                        self._stash[f"{path}.{pname}"] = original.detach().clone()
-                        original.copy_(p)
-        self._merged = True
+            for path, clone in copies.items():
+                for pname, p in clone.named_parameters():
+                    original = self.base_model.get_parameter(f"{path}.{pname}")
+                    self._stash[f"{path}.{pname}"] = original.detach().clone()
+                    original.copy_(p)
+        self._merged, self._merged_names = True, names
         for variants in self._variants.values():
             for v in variants:
                 strip_adapters(v.gm)
-                unswap_params(v.gm)
                 attach_biases(v.gm, self.base_model, self._created_biases, v.trace.prefix)
-        self._relower()
+                v.fn = lower(v.gm, self._backend)
+
+    def _merged_copies(self, names: list[str]) -> dict[str, nn.Module]:
+        copies: dict[str, nn.Module] = {}
+        for name in names:
+            for path, clone in self._saved.get(name, {}).items():
+                if path in copies:
+                    raise MergeError(f"active adapters both train a copy of {path}; merge one at a time")
+                copies[path] = clone
+        return copies
 
     def unmerge(self, progress: bool | None = None) -> None:
-        """Take merged adapters back out of the weights and re-insert their nodes."""
+        """Take merged adapters back out of the weights and re-insert every adapter's nodes."""
         if not self._merged:
             warnings.warn("adapters are not merged; nothing to do", stacklevel=2)
             return
-        apply_deltas(self.base_model, self._placements, -1, progress)
-        with torch.no_grad():
-            for path, value in self._stash.items():
-                self.base_model.get_parameter(path).copy_(value)
-        self._stash.clear()
+        self._unfold(progress)
         if self._created_biases:  # graphs traced while merged read biases about to go
             self._variants = {k: [v for v in vs if not v.traced_merged] for k, vs in self._variants.items()}
         for variants in self._variants.values():
@@ -254,11 +319,35 @@ class CompiledModel(nn.Module):
                 detach_biases(v.gm)
         remove_biases(self.base_model, self._created_biases)
         self._created_biases = []
-        self._merged = False
-        for variants in self._variants.values():
-            for v in variants:
-                self._adapt(v)
-        self._relower()
+        self._merged, self._merged_names = False, []
+        self._refresh()
+
+    def _unfold(self, progress: bool | None = None) -> None:
+        """Subtract the merged deltas and restore saved modules: the weights only."""
+        placements = [p for p in self._placements if p.adapter_name in self._merged_names]
+        apply_deltas(self.base_model, placements, -1, progress)
+        with torch.no_grad():
+            for path, value in self._stash.items():
+                self.base_model.get_parameter(path).copy_(value)
+        self._stash.clear()
+
+    def _refold(self) -> None:
+        """Re-apply the merged deltas after :meth:`_unfold` (same adapters, same biases)."""
+        placements = [p for p in self._placements if p.adapter_name in self._merged_names]
+        apply_deltas(self.base_model, placements, +1, None)
+        with torch.no_grad():
+            for path, clone in self._merged_copies(self._merged_names).items():
+                for pname, p in clone.named_parameters():
+                    original = self.base_model.get_parameter(f"{path}.{pname}")
+                    self._stash[f"{path}.{pname}"] = original.detach().clone()
+                    original.copy_(p)
+
+    def merge_and_unload(self, safe: bool = False, progress: bool | None = None) -> nn.Module:
+        """Merge, then return the user's own model object, now holding the merged weights."""
+        self.merge(safe=safe, progress=progress)
+        return self.base_model
+
+    # -- saving and exporting -------------------------------------------------
 
     def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
         """Write adapters in PEFT's format (``adapter_config.json`` + safetensors).
@@ -269,15 +358,37 @@ class CompiledModel(nn.Module):
 
         save_pretrained(self, directory, adapters)
 
-    def merge_and_unload(self, safe: bool = False, progress: bool | None = None) -> nn.Module:
-        """Merge, then return the user's own model object, now holding the merged weights."""
-        self.merge(safe=safe, progress=progress)
-        return self.base_model
+    def export(self, path, format: str = "pt2", example_inputs=None):
+        """Export the merged model for deployment: ``"pt2"``, ``"onnx"`` or ``"hf"``.
+
+        See :func:`peftc.formats.export.export` for what each format holds.
+        """
+        from .formats.export import export
+
+        return export(self, path, format, example_inputs)
+
+
+def _has_path(root: nn.Module, dotted: str) -> bool:
+    try:
+        root.get_submodule(dotted)
+        return True
+    except AttributeError:
+        return False
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise RuleError("adapter_names needs a batched tensor input to count rows against")
 
 
 def _check_module_finite(path: str, module: nn.Module) -> None:
-    from .errors import MergeError
-
     for name, p in module.named_parameters():
         if not torch.isfinite(p).all():
             raise MergeError(f"modules_to_save copy {path}.{name} holds NaN/inf; no weight was changed")

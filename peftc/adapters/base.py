@@ -39,6 +39,10 @@ class Adapter:
     #: "after": emit nodes after the op and return its new output.
     #: "before": emit nodes before the op and rewire its inputs with ``b.replace_input``.
     position: ClassVar[str] = "after"
+    #: Whether peftc may switch the adapter off by selecting the op's original
+    #: output (or inputs) with ``aten.where`` on its gate. Kinds that change
+    #: shapes (prefix tuning) can't be gated and are switched by retracing.
+    gated: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -58,6 +58,7 @@ class Prefix(Adapter):
 
     kind = "prefix"
     position = "before"
+    gated = False  # it lengthens keys and values: switched by selecting another trace
 
     def __init__(self, num_virtual_tokens: int, projection: int | None = None):
         check_virtual_tokens(num_virtual_tokens)

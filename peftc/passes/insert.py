@@ -12,6 +12,12 @@ nodes LoRA emits)::
 An adapter kind with ``position = "before"`` (prefix tuning) emits its nodes in
 front of the op and rewires the op's inputs instead.
 
+Each adapter's effect is selected by its gate, a boolean tensor per adapter
+(``peftc.gates.<name>``): ``aten.where(gate, adapted, original)``, with the
+gate repeated over the rows of the op's output, so one adapter can serve some
+batch rows and another the rest. ``where`` picks exactly one side, so an
+active adapter's output is bit-identical to an ungated one.
+
 Every inserted node carries ``meta["peftc"] = adapter name``; a node that
 replaces a site's output carries ``meta["peftc_replaces"]``, and a rewired op
 carries its original inputs in ``meta["peftc_inputs"]``, so
@@ -20,6 +26,7 @@ carries its original inputs in ``meta["peftc_inputs"]``, so
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +35,7 @@ from torch import fx, nn
 from ..sites import Site, linear_use
 
 STATE_ROOT = "peftc"  # attribute of the graph module that holds all adapter state
+aten = torch.ops.aten
 
 
 @dataclass
@@ -131,8 +139,31 @@ class Builder:
             return self.node.args[index]
         return self.node.kwargs.get(name) if name else None
 
+    def gate(self, adapted: fx.Node, original: fx.Node) -> fx.Node:
+        """``where(gate, adapted, original)``, the gate repeated over ``original``'s rows."""
+        gate = self.graph_gate()
+        rows = self.call(aten.sym_size.int, original, 0)
+        per = self.call(operator.floordiv, rows, self.call(aten.sym_size.int, gate, 0))
+        mask = self.call(aten.repeat_interleave.self_int, gate, per)
+        ndim = ndim_of(original)
+        mask = self.call(aten.view.default, mask, [-1] + [1] * (ndim - 1))
+        out = self.call(aten.where.self, mask, adapted, original)
+        out.meta["peftc_ndim"] = ndim
+        return out
+
+    def graph_gate(self) -> fx.Node:
+        with self.graph.inserting_after(self._last):
+            node = self.graph.get_attr(f"{STATE_ROOT}.gates.{self._placement.adapter_name}")
+        node.meta["peftc_dtype"] = torch.bool
+        return self._add(node)
+
     def replace_input(self, index: int, value, name: str | None = None) -> None:
-        """Rewire the op's input ``index`` (keyword ``name`` when not given positionally)."""
+        """Rewire the op's input ``index`` (keyword ``name`` when not given positionally).
+
+        For a gated kind the new input is selected by the adapter's gate."""
+        old = self.arg(index, name)
+        if self._placement.adapter.gated and isinstance(value, fx.Node) and isinstance(old, fx.Node):
+            value = self.gate(value, old)
         self.node.meta.setdefault("peftc_inputs", (self.node.args, dict(self.node.kwargs)))
         if index < len(self.node.args) or name is None:
             args = list(self.node.args)
@@ -147,6 +178,15 @@ def dtype_of(node: fx.Node) -> torch.dtype | None:
     if isinstance(val, torch.Tensor):
         return val.dtype
     return node.meta.get("peftc_dtype")
+
+
+def ndim_of(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    if "peftc_ndim" in node.meta:
+        return node.meta["peftc_ndim"]
+    raise ValueError(f"peftc can't tell the rank of {node.format_node()}; gate a node with known shape")
 
 
 def site_input(node: fx.Node):
@@ -176,6 +216,8 @@ def insert_adapters(gm: fx.GraphModule, placements: list[Placement], sites: dict
             anchor = node.prev if p.adapter.position == "before" else y
             b = Builder(gm.graph, node, anchor, y, p, training)
             new = p.adapter.emit(b, here)
+            if new is not y and p.adapter.gated:
+                new = b.gate(new, y)
             if new is not y:
                 new.meta["peftc_replaces"] = y
                 y.replace_all_uses_with(new, delete_user_cb=lambda user, made=b.created: user not in made)
