@@ -4,7 +4,7 @@ One trace serves every call whose inputs have the same *signature*: the same
 positional count, keyword names, tensor dtypes and ranks, constant values, and
 train/eval mode. Batch and sequence dims are exported as ``Dim.AUTO``, so one
 trace covers every size export could keep symbolic; a call it can't take
-(a dim export specialised) gets a trace of its own.
+(a dim export specialised, e.g. a batch of 1 in the example) gets a trace of its own.
 """
 
 from __future__ import annotations
@@ -155,10 +155,13 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple, boundary: nn.
 
 
 def _dim_spec(v):
-    """Batch and sequence (the first two dims) of every tensor input are dynamic."""
-    if isinstance(v, torch.Tensor) and v.dim() > 0:
-        return {d: Dim.AUTO for d in range(min(v.dim(), 2))}
-    return None
+    """Batch (dim 0) of every tensor input is dynamic, and so is the sequence (dim 1) of
+    token-like inputs: integer tensors and tensors of rank 3 or more. A float matrix's
+    dim 1 is its features, which the model fixes anyway."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return None
+    has_sequence = v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point())
+    return {d: Dim.AUTO for d in range(2 if has_sequence else 1)}
 
 
 def _dynamic_shapes(model, args, kwargs):

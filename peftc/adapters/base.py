@@ -119,6 +119,11 @@ class Adapter:
         raise NotImplementedError
 
 
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype merges compute in: float64 stays, everything else is float32."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
 def adapter_from_config(data: dict[str, Any]) -> Adapter:
     """Build an adapter spec from ``{"kind": "lora", "r": 8, ...}``."""
     data = dict(data)

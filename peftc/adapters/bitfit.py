@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, widen
 
 aten = torch.ops.aten
 
@@ -45,7 +45,7 @@ class BitFit(Adapter):
         return b.call(aten.add.Tensor, b.y, bias)
 
     def merge_delta(self, site, state, weights):
-        return {site.bias_name_or_default: state.bias.detach().float()}
+        return {site.bias_name_or_default: widen(state.bias.detach())}
 
     def saved_state(self, site, state, prefix):
         return {f"{prefix}bitfit.bias": state.bias}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from .base import Adapter
+from .base import Adapter, widen
 
 aten = torch.ops.aten
 
@@ -118,7 +118,7 @@ class LoRA(Adapter):
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
     def merge_delta(self, site, state, weights):
-        delta = state.scaling.float() * (state.lora_B.float() @ state.lora_A.float())
+        delta = widen(state.scaling) * (widen(state.lora_B) @ widen(state.lora_A))
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 
     def saved_state(self, site, state, prefix):

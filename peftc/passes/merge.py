@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.base import widen
 from ..errors import MergeError
 from .insert import Placement
 
@@ -24,7 +25,7 @@ class _Widened(Mapping):
         self._params = dict(module.named_parameters(recurse=False))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return _wide(self._params[name].detach())
+        return widen(self._params[name].detach())
 
     def __iter__(self):
         return iter(self._params)
@@ -100,7 +101,7 @@ def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -
         for path, param, delta in _deltas(model, p, sign):
             if param is None:
                 param = delta.new_zeros(delta.shape)
-            new = _wide(param) + sign * delta.to(param.device)
+            new = widen(param) + sign * delta.to(param.device)
             if not torch.isfinite(delta).all() or not torch.isfinite(new.to(param.dtype)).all():
                 raise MergeError(
                     f"merging adapter {p.adapter_name!r} into {path} would write non-finite values "
@@ -118,7 +119,7 @@ def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progr
         for path, param, delta in _deltas(model, p, sign):
             if param is None:
                 raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
-            param.copy_((_wide(param) + sign * delta.to(param.device)).to(param.dtype))
+            param.copy_((widen(param) + sign * delta.to(param.device)).to(param.dtype))
 
 
 def mergeable_or_raise(placements: list[Placement]) -> None:
@@ -128,10 +129,6 @@ def mergeable_or_raise(placements: list[Placement]) -> None:
             f"adapters {bad} can't be folded into weights (they add tokens or activations, not weight "
             "deltas); nothing was merged. Delete or disable them first, or export the graph with them baked in"
         )
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t.double() if t.dtype == torch.float64 else t.float()
 
 
 def _quiet(progress: bool | None, n: int) -> bool:

@@ -1,0 +1,203 @@
+"""Prompt tuning, prefix tuning and BitFit: PEFT's numbers, training, merging, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BUILDERS, VOCAB, make_bert_cls, make_llama, padded_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import peftc
+
+peft = pytest.importorskip("peft")
+
+MODELS = ["llama", "qwen2", "gpt2", "bert"]
+
+
+def _config(kind: str, name: str):
+    task = "SEQ_CLS" if name == "bert" else "CAUSAL_LM"
+    if kind == "prompt":
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+    return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
+
+
+def _labels(name: str, ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[0]) % 3 if name == "bert" else ids
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+@pytest.mark.parametrize("name", MODELS)
+def test_prompt_learning_matches_peft(kind, name):
+    """Same learned values -> same logits and loss as PEFT, padded or not, 2 sizes from one trace."""
+    model = BUILDERS[name]()
+    pm = peft.get_peft_model(copy.deepcopy(model), _config(kind, name)).eval()
+    with torch.no_grad():  # make PEFT's classifier copy differ from the base head
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.25)
+    cm = peftc.compile(model, _config(kind, name), backend="eager").eval()
+    state = peft.get_peft_model_state_dict(pm)
+    with torch.no_grad():
+        cm.sites[0].state.embedding.copy_(state["prompt_embeddings"])
+        for n, p in cm.peftc.saved.default.named_parameters():
+            p.copy_(state[f"base_model.{n}"])
+    traces = set()
+    for batch, length in [(2, 6), (3, 11)]:
+        ids, mask = padded_batch(batch, length, seed=length)
+        for kwargs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+            kwargs = {**kwargs, "labels": _labels(name, ids)}
+            ref, out = pm(**kwargs), cm(**kwargs)
+            assert out.logits.shape == ref.logits.shape
+            torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+            traces.add(id(cm.graph_module(**kwargs)))
+    assert len(traces) == 2, "one trace per input signature, shared across sizes"
+
+
+def test_causal_prompt_logits_cover_virtual_tokens():
+    cm = peftc.compile(make_llama(), [peftc.Prompt(5)], backend="eager")
+    ids, _ = padded_batch(2, 7)
+    assert cm(input_ids=ids).logits.shape == (2, 12, VOCAB)
+
+
+def test_prompt_inits():
+    model = make_llama()
+    table = model.get_input_embeddings().weight
+
+    def tokenizer(text):
+        return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    cm = peftc.compile(model, [peftc.Prompt(5, init="text", text="abc", tokenizer=tokenizer)], backend="eager")
+    ids = torch.tensor([ord(c) % VOCAB for c in "abcab"])
+    torch.testing.assert_close(cm.sites[0].state.embedding, table[ids].detach())
+    cm = peftc.compile(make_llama(), [peftc.Prompt(6, init="vocab")], backend="eager")
+    rows = cm.sites[0].state.embedding
+    full = make_llama().get_input_embeddings().weight
+    assert all((full == row).all(dim=1).any() for row in rows), "vocab init takes rows of the embedding table"
+
+
+def test_prefix_projection_trains_and_saves_folded(tmp_path):
+    model = make_llama()
+    cm = peftc.compile(model, [peftc.Prefix(3, projection=16)], backend="eager")
+    state = cm.sites[0].state
+    assert state.transform is not None
+    ids, mask = padded_batch(2, 6)
+    cm.train()
+    cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert state.transform[0].weight.grad is not None and state.embedding.grad is not None
+    cm.eval()
+    cm.save_pretrained(tmp_path)
+    loaded = peftc.from_pretrained(make_llama(), tmp_path, backend="eager")
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               cm(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    pm = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits,
+                               cm(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("rule", "lr"), [(peftc.Prompt(4), 0.3), (peftc.Prefix(4), 0.1),
+                                          (peftc.BitFit().on(peftc.linear()), 0.03)])
+def test_each_kind_trains_and_base_stays_bit_identical(rule, lr):
+    torch.manual_seed(0)
+    model = make_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cm = peftc.compile(model, [rule], backend="eager").train()
+    opt = torch.optim.Adam([p for p in cm.parameters() if p.requires_grad], lr=lr)
+    ids = (torch.arange(12).repeat(4, 1) * 5 + torch.arange(4)[:, None]) % VOCAB
+    labels = torch.full_like(ids, 7)  # a constant answer: reachable by every kind
+    losses = []
+    for _ in range(12):
+        loss = cm(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"base parameter {n} changed"
+
+
+def test_all_kinds_together_merge_refuses_then_folds_the_rest():
+    model = make_llama()
+    ref = copy.deepcopy(model)
+    rules = [peftc.LoRA(r=2, init=False).on(peftc.linear(r".*\.(q|v)_proj")),
+             peftc.BitFit().on(peftc.linear(r".*mlp\..*")), peftc.Prefix(3)]
+    cm = peftc.compile(model, rules, backend="eager").train()
+    ids, mask = padded_batch(2, 6)
+    cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    trained = {n for n, p in cm.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith("peftc.") for n in trained)
+    with pytest.raises(peftc.MergeError, match="Prefix"):
+        cm.merge()
+    assert not cm.merged
+    for n, p in model.named_parameters():
+        assert torch.equal(p, ref.get_parameter(n)), "a refused merge must change nothing"
+
+
+@settings(max_examples=12)
+@given(width=st.integers(1, 6), out=st.integers(1, 6), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 50))
+def test_bitfit_merge_property(width, out, bias, dtype, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, out, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(out, 3)).to(dtype)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, width, dtype=dtype)
+    cm = peftc.compile(model, [peftc.BitFit().on(peftc.linear())], (x,), backend="eager")
+    with torch.no_grad():
+        for p in cm.sites:
+            p.state.bias.normal_()
+    unmerged = cm(x)
+    expected = torch.tanh(x.double() @ original["0.weight"].double().T
+                          + (original["0.bias"].double() if bias else 0) + cm.sites[0].state.bias.double())
+    expected = expected @ original["2.weight"].double().T + original["2.bias"].double() + cm.sites[1].state.bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(unmerged.double(), expected, atol=tol, rtol=tol)
+    cm.merge(safe=True)
+    assert model[0].bias is not None
+    torch.testing.assert_close(cm(x), unmerged, atol=tol, rtol=tol)
+    cm.unmerge()
+    assert (model[0].bias is None) == (not bias), "unmerge removes a bias merge created"
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, original[n], atol=tol, rtol=tol)
+    torch.testing.assert_close(cm(x), unmerged, atol=tol, rtol=tol)
+
+
+def test_bitfit_on_bare_matmul_without_bias_refuses_merge():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+    model = M()
+    cm = peftc.compile(model, [peftc.BitFit().on(peftc.linear())], (torch.randn(2, 4),), backend="eager")
+    before = model.w.detach().clone()
+    with pytest.raises(peftc.MergeError, match="no bias operand"):
+        cm.merge()
+    assert torch.equal(model.w, before) and not cm.merged
+
+
+def test_errors():
+    with pytest.raises(peftc.RuleError, match="num_virtual_tokens"):
+        peftc.Prompt(0)
+    with pytest.raises(peftc.RuleError, match="num_virtual_tokens"):
+        peftc.Prefix(-2)
+    with pytest.raises(peftc.RuleError, match="positions"):
+        peftc.compile(make_llama(), [peftc.Prefix(64)], backend="eager")
+    with pytest.raises(peftc.RuleError, match="positions"):
+        peftc.compile(make_bert_cls(), [peftc.Prompt(80)], backend="eager")
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(peftc.RuleError, match="scaled_dot_product_attention"):
+        peftc.compile(mlp, [peftc.Prefix(2)], (torch.randn(2, 4),), backend="eager")
+    with pytest.raises(peftc.RuleError, match="input-embedding"):
+        peftc.compile(mlp, [peftc.Prompt(2)], (torch.randn(2, 4),), backend="eager")
+    cm = peftc.compile(make_llama(), [peftc.Prompt(2)], backend="eager")
+    ids, _ = padded_batch(2, 5)
+    with pytest.raises(peftc.RuleError, match="position_ids"):
+        cm(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))
