@@ -1,0 +1,175 @@
+"""Many adapters on one traced model: switching, disabling, deleting, mixing, combining."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_llama, padded_batch
+from torch._dynamo.testing import CompileCounter
+
+import peftc
+
+peft = pytest.importorskip("peft")
+
+QV = peftc.linear(r".*\.(q|v)_proj")
+
+
+def _two_adapters(backend="eager"):
+    model = make_llama()
+    base = copy.deepcopy(model)
+    cm = peftc.compile(model, [peftc.LoRA(r=4, init=False).on(QV)], backend=backend).eval()
+    cm.add_adapter("other", [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(r".*\.(k|o)_proj")),
+                             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
+    with torch.no_grad():
+        for p in cm.sites:
+            if hasattr(p.state, "bias"):
+                p.state.bias.normal_()
+    return cm, base
+
+
+def test_switching_and_disabling_select_exactly_one_adapter():
+    cm, base = _two_adapters()
+    ids, mask = padded_batch(3, 7)
+    run = lambda: cm(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    default = run()
+    cm.set_adapter("other")
+    other = run()
+    assert cm.active_adapters == ["other"]
+    cm.merge()  # folds only the active adapter: the same function, from the weights
+    torch.testing.assert_close(run(), other, atol=1e-5, rtol=0)
+    cm.unmerge()
+    cm.set_adapter(["default", "other"])
+    both = run()
+    with cm.disable_adapter():
+        assert cm.active_adapters == []
+        torch.testing.assert_close(run(), base(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
+    assert cm.active_adapters == ["default", "other"]
+    torch.testing.assert_close(run(), both, atol=0, rtol=0)
+    assert (default - other).abs().max() > 1e-3 and (both - default).abs().max() > 1e-3
+
+
+def test_merging_two_adapters_equals_both_active():
+    cm, base = _two_adapters()
+    ids, mask = padded_batch(2, 6)
+    cm.set_adapter(["default", "other"])
+    both = cm(input_ids=ids, attention_mask=mask).logits
+    cm.merge()
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, both, atol=1e-5, rtol=0)
+    with cm.disable_adapter():  # disabling while merged: the weights go back to the base
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                                   base(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    assert cm.merged
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, both, atol=1e-5, rtol=0)
+    with pytest.raises(peftc.MergeError, match="unmerge"):
+        cm.set_adapter("default")
+    with pytest.raises(peftc.MergeError, match="unmerge"):
+        cm.delete_adapter("other")
+    cm.unmerge()
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(cm.base_model.get_parameter(n), p, atol=1e-6, rtol=0)
+
+
+def test_only_active_adapters_train():
+    cm, _ = _two_adapters()
+    cm.train()
+    cm.set_adapter("other")
+    trainable = {n.split(".")[2] for n, p in cm.named_parameters() if p.requires_grad}
+    assert trainable == {"other"}
+    ids, _ = padded_batch(2, 5)
+    cm(input_ids=ids, labels=ids).loss.backward()
+    for n, p in cm.named_parameters():
+        assert (p.grad is not None) == n.startswith("peftc.adapters.other."), n
+
+
+def test_delete_active_adapter_activates_the_next():
+    cm, _ = _two_adapters()
+    ids, _ = padded_batch(2, 5)
+    cm.set_adapter("other")
+    other = cm(input_ids=ids).logits
+    cm.set_adapter("default")
+    with pytest.warns(UserWarning, match="active"):
+        cm.delete_adapter("default")
+    assert cm.adapters == ["other"] and cm.active_adapters == ["other"]
+    assert not any(n.startswith("peftc.adapters.default") for n, _ in cm.named_parameters())
+    torch.testing.assert_close(cm(input_ids=ids).logits, other, atol=1e-6, rtol=0)
+    with pytest.raises(peftc.RuleError, match="unknown adapter"):
+        cm.set_adapter("default")
+
+
+def test_mixed_batch_picks_an_adapter_per_row():
+    cm, base = _two_adapters()
+    ids, mask = padded_batch(3, 7)
+    outs = {}
+    for name in ("default", "other"):
+        cm.set_adapter(name)
+        outs[name] = cm(input_ids=ids, attention_mask=mask).logits
+    outs["__base__"] = base(input_ids=ids, attention_mask=mask).logits
+    names = ["other", "__base__", "default"]
+    mixed = cm(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], outs[name][row], atol=1e-6, rtol=0)
+    with pytest.raises(peftc.RuleError, match="unknown"):
+        cm(input_ids=ids, adapter_names=["nope"] * 3)
+    with pytest.raises(peftc.RuleError, match="3 rows"):
+        cm(input_ids=ids, adapter_names=["default"] * 2)
+    cm.merge()
+    with pytest.raises(peftc.MergeError, match="merged"):
+        cm(input_ids=ids, adapter_names=names)
+
+
+def test_switching_never_recompiles():
+    counter = CompileCounter()
+    cm, _ = _two_adapters(backend=counter)
+    ids, mask = padded_batch(3, 7)
+    cm(input_ids=ids, attention_mask=mask)
+    frames = counter.frame_count
+    for names in ("other", ["default", "other"], "default"):
+        cm.set_adapter(names)
+        cm(input_ids=ids, attention_mask=mask)
+    with cm.disable_adapter():
+        cm(input_ids=ids, attention_mask=mask)
+    ids2, mask2 = padded_batch(2, 11)
+    cm(input_ids=ids2, attention_mask=mask2)
+    assert counter.frame_count == frames, "a switch, disable, or new size recompiled"
+    assert len(cm._variants) == 1, "a switch retraced"
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_matches_peft(kind):
+    model = make_llama()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    cm = peftc.compile(model, [peftc.LoRA(r=4, alpha=8).on(QV)], backend="eager").eval()
+    cm.add_adapter("b", [peftc.LoRA(r=4, alpha=2).on(QV)])
+    state = dict(pm.named_parameters())
+    with torch.no_grad():
+        for p in cm.sites:
+            p.state.lora_A.copy_(state[f"base_model.model.{p.path}.lora_A.{p.adapter_name}.weight"])
+            p.state.lora_B.copy_(state[f"base_model.model.{p.path}.lora_B.{p.adapter_name}.weight"])
+    pm.add_weighted_adapter(["default", "b"], [0.7, -0.3], "mix", combination_type=kind)
+    pm.set_adapter("mix")
+    cm.add_weighted_adapter(["default", "b"], [0.7, -0.3], "mix", combination_type=kind)
+    cm.set_adapter("mix")
+    ids, mask = padded_batch(2, 6)
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                               pm.eval()(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    if kind != "linear":  # cat and full-rank svd are exact weighted sums of the deltas
+        cm.set_adapter(["default", "b"])
+        cm.add_weighted_adapter(["default"], [-1.0], "neg", combination_type=kind)
+        cm.set_adapter(["default", "neg"])
+        torch.testing.assert_close(cm(input_ids=ids).logits, make_llama()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_bad_adapter_names():
+    cm, _ = _two_adapters()
+    with pytest.raises(peftc.RuleError, match="exists"):
+        cm.add_adapter("other", [peftc.LoRA().on(QV)])
+    with pytest.raises(peftc.RuleError, match="identifier"):
+        cm.add_adapter("a.b", [peftc.LoRA().on(QV)])
+    with pytest.raises(peftc.RuleError, match="combination_type"):
+        cm.add_weighted_adapter(["default"], [1.0], "x", combination_type="ties")
