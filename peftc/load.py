@@ -11,6 +11,8 @@ from .errors import PeftcError, RuleError
 from .formats.peft import load_tensors, read_checkpoint
 from .program import CompiledModel
 
+_KNOWN = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
+
 
 def from_pretrained(
     model: nn.Module,
@@ -36,7 +38,11 @@ def from_pretrained(
             fit). The model is left as it was.
     """
     config, tensors = read_checkpoint(adapter_dir)
-    if str(config.get("peft_type", "")).upper() == "PREFIX_TUNING":
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in _KNOWN:
+        raise PeftcError(f"{adapter_dir}: unknown peft_type {config.get('peft_type')!r}; "
+                         f"peftc loads {', '.join(_KNOWN)}")
+    if peft_type == "PREFIX_TUNING":
         config = {**config, "prefix_projection": False}  # the saved table is already projected
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
