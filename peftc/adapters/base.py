@@ -43,6 +43,9 @@ class Adapter:
     #: output (or inputs) with ``aten.where`` on its gate. Kinds that change
     #: shapes (prefix tuning) can't be gated and are switched by retracing.
     gated: ClassVar[bool] = True
+    #: The kind applies its gate itself with ``b.gated(...)`` (cheaper than
+    #: selecting a whole activation); peftc then adds no ``where`` of its own.
+    gates_itself: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

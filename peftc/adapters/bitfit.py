@@ -3,7 +3,7 @@
 ::
 
     y = aten.linear(x, W)          y  = aten.linear(x, W)
-                           ==>     y2 = aten.add(y, peftc.<name>.<path>.bias)
+                           ==>     y2 = aten.add(y, aten.where(gate, peftc.<name>.<path>.bias, 0))
 
 ``merge()`` adds the delta into the op's bias (creating a zero bias on the
 module first when it has none); ``unmerge()`` takes it out again and removes a
@@ -30,6 +30,7 @@ class BitFit(Adapter):
     """Bias-only tuning: a trainable bias delta per linear-like op (zeros at the start)."""
 
     kind = "bitfit"
+    gates_itself = True  # the gate zeroes the bias delta, not the activation
 
     def unsupported(self, site):
         if not site.is_linear:
@@ -41,7 +42,7 @@ class BitFit(Adapter):
         return BitFitState(site.out_features, dtype, site.device)
 
     def emit(self, b, site):
-        bias = b.cast(b.param("bias"), site.dtype)
+        bias = b.cast(b.gated(b.param("bias"), b.y), site.dtype)
         return b.call(aten.add.Tensor, b.y, bias)
 
     def merge_delta(self, site, state, weights):

@@ -7,7 +7,8 @@ because the adapter trains in float32 as PEFT's does)::
                                  ==>    xd = aten.dropout(x, p, True)      # training only
                                         a  = aten.linear(xd, lora_A)
                                         d  = aten.linear(a, lora_B)
-                                        d  = aten.mul(d, scaling)
+                                        s  = aten.where(gate, scaling, 0)   # per row
+                                        d  = aten.mul(d, s)
                                         y2 = aten.add(y, d)
 """
 
@@ -57,6 +58,7 @@ class LoRA(Adapter):
     """
 
     kind = "lora"
+    gates_itself = True  # the gate zeroes the scaling: a scalar, not an activation
 
     def __init__(self, r: int = 8, alpha: float = 8, dropout: float = 0.0, init=True,
                  use_rslora: bool = False, rank_pattern: dict | None = None,
@@ -114,7 +116,7 @@ class LoRA(Adapter):
             x = b.call(aten.dropout.default, x, self.dropout, True)
         a = b.call(aten.linear.default, x, b.param("lora_A"))
         d = b.call(aten.linear.default, a, b.param("lora_B"))
-        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
+        d = b.call(aten.mul.Tensor, d, b.gated(b.param("scaling"), b.y))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
     def merge_delta(self, site, state, weights):

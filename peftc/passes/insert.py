@@ -141,15 +141,27 @@ class Builder:
 
     def gate(self, adapted: fx.Node, original: fx.Node) -> fx.Node:
         """``where(gate, adapted, original)``, the gate repeated over ``original``'s rows."""
-        gate = self.graph_gate()
-        rows = self.call(aten.sym_size.int, original, 0)
-        per = self.call(operator.floordiv, rows, self.call(aten.sym_size.int, gate, 0))
-        mask = self.call(aten.repeat_interleave.self_int, gate, per)
         ndim = ndim_of(original)
-        mask = self.call(aten.view.default, mask, [-1] + [1] * (ndim - 1))
-        out = self.call(aten.where.self, mask, adapted, original)
+        out = self.call(aten.where.self, self.row_mask(original, ndim), adapted, original)
         out.meta["peftc_ndim"] = ndim
         return out
+
+    def gated(self, value: fx.Node, like: fx.Node, ndim: int | None = None) -> fx.Node:
+        """``value`` where the adapter is on and 0 where it is off, per row of ``like``.
+
+        A kind with ``gates_itself = True`` multiplies or adds this instead of
+        letting peftc select whole outputs: gating a scale or a bias costs a few
+        elements instead of a full activation."""
+        return self.call(aten.where.ScalarOther, self.row_mask(like, ndim), value, 0)
+
+    def row_mask(self, like: fx.Node, ndim: int | None = None) -> fx.Node:
+        """The gate as a ``[rows, 1, ...]`` mask over ``like``'s first dim."""
+        gate = self.graph_gate()
+        rows = self.call(aten.sym_size.int, like, 0)
+        per = self.call(operator.floordiv, rows, self.call(aten.sym_size.int, gate, 0))
+        mask = self.call(aten.repeat_interleave.self_int, gate, per)
+        ndim = ndim if ndim is not None else ndim_of(like)
+        return self.call(aten.view.default, mask, [-1] + [1] * (ndim - 1))
 
     def graph_gate(self) -> fx.Node:
         with self.graph.inserting_after(self._last):
@@ -162,7 +174,8 @@ class Builder:
 
         For a gated kind the new input is selected by the adapter's gate."""
         old = self.arg(index, name)
-        if self._placement.adapter.gated and isinstance(value, fx.Node) and isinstance(old, fx.Node):
+        kind = self._placement.adapter
+        if kind.gated and not kind.gates_itself and isinstance(value, fx.Node) and isinstance(old, fx.Node):
             value = self.gate(value, old)
         self.node.meta.setdefault("peftc_inputs", (self.node.args, dict(self.node.kwargs)))
         if index < len(self.node.args) or name is None:
@@ -216,10 +229,11 @@ def insert_adapters(gm: fx.GraphModule, placements: list[Placement], sites: dict
             anchor = node.prev if p.adapter.position == "before" else y
             b = Builder(gm.graph, node, anchor, y, p, training)
             new = p.adapter.emit(b, here)
-            if new is not y and p.adapter.gated:
+            if new is not y and p.adapter.gated and not p.adapter.gates_itself:
                 new = b.gate(new, y)
             if new is not y:
                 new.meta["peftc_replaces"] = y
+                new.meta.setdefault("peftc_ndim", ndim_of(y))  # same shape as the output it replaces
                 y.replace_all_uses_with(new, delete_user_cb=lambda user, made=b.created: user not in made)
                 current[name] = new
             count += 1
