@@ -201,6 +201,8 @@ def inspect_command(args) -> int:
     rules = peftc.load_rules(rules_path, model)
     cm = peftc.compile(model, rules, backend="eager")
     rows, adapter_params = _site_rows(cm)
+    saved = [{"path": path, "adapter": name, "params": sum(p.numel() for p in clone.parameters())}
+             for name, copies in getattr(cm, "_saved", {}).items() for path, clone in copies.items()]
     trainable, total = cm.get_nb_trainable_parameters()
     summary = {
         "model": type(model).__name__,
@@ -209,6 +211,7 @@ def inspect_command(args) -> int:
         "sites": rows,
         "num_sites": len(rows),
         "adapter_params": adapter_params,
+        "modules_to_save": saved,
         "trainable_params": trainable,
         "all_params": total,
         "trainable_percent": 100 * trainable / total if total else 0.0,
@@ -261,8 +264,10 @@ def _table(summary: dict) -> str:
     out = [f"{summary['model']} from {summary['model_dir']} (meta device: no weights loaded); "
            f"rules: {summary['rules']}", "", line(header), line(tuple("-" * w for w in widths))]
     out += [line(row) for row in body]
+    out.append("")
+    for m in summary["modules_to_save"]:
+        out.append(f"modules_to_save: {m['path']} ({m['adapter']}): {m['params']:,d} params, a trainable copy")
     out += [
-        "",
         f"matched sites: {summary['num_sites']} || adapter params: {summary['adapter_params']:,d}",
         f"trainable params: {summary['trainable_params']:,d} || all params: {summary['all_params']:,d} || "
         f"trainable%: {summary['trainable_percent']:.4f}",
@@ -284,6 +289,7 @@ class _Stages:
         names = self.NAMES if verify else self.NAMES[:-1]
         self.width = max(len(n) for n in names)
         self.bar = tqdm(total=len(names), unit="stage", disable=quiet, file=sys.stderr,
+                        desc=f"{PROG} merge: {'':<{self.width}}",
                         bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}]")
         self.current: str | None = None
 
@@ -297,6 +303,8 @@ class _Stages:
         if ok and self.current is not None:
             self.bar.update(1)
             self.bar.set_description_str(f"{PROG} merge: {'done':<{self.width}}")
+        else:
+            self.bar.leave = False  # on failure, the error line alone
         self.bar.close()
 
 

@@ -358,14 +358,15 @@ class CompiledModel(AdapterLifecycle, nn.Module):
 
         save_pretrained(self, directory, adapters)
 
-    def export(self, path, format: str = "pt2", example_inputs=None):
+    def export(self, path, format: str = "pt2", example_inputs=None, **options):
         """Export the merged model for deployment: ``"pt2"``, ``"onnx"`` or ``"hf"``.
 
+        Returns the path written; ``options``: ``verify``, ``atol``, ``rtol``.
         See :func:`peftc.formats.export.export` for what each format holds.
         """
         from .formats.export import export
 
-        return export(self, path, format, example_inputs)
+        return export(self, path, format, example_inputs, **options)
 
 
 def _has_path(root: nn.Module, dotted: str) -> bool:
