@@ -52,7 +52,7 @@ def compile(
     cm._register(adapter_name, matched, selectors, saved, options)
     for p in model.parameters():
         p.requires_grad_(False)
-    train_biases(model, options["bias"], {s.path for s, _ in matched})
+    train_biases(model, options["bias"], {s.path for s, _ in matched}, saved)
     cm.set_adapter(adapter_name)
     cm._update_trainability()
     return cm
@@ -84,11 +84,16 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return paths
 
 
-def train_biases(model: nn.Module, bias: str, adapted: set[str]) -> None:
-    """PEFT's ``bias`` option: ``"all"`` biases train, or those of adapted modules (``"lora_only"``)."""
+def train_biases(model: nn.Module, bias: str, adapted: set[str], saved: list[str]) -> None:
+    """PEFT's ``bias`` option: ``"all"`` biases train, or those of adapted modules (``"lora_only"``).
+
+    The originals of ``modules_to_save`` modules stay frozen: their copies train.
+    """
     if bias == "none":
         return
     for name, p in model.named_parameters():
         module_path, _, pname = name.rpartition(".")
+        if any(name.startswith(path + ".") for path in saved):
+            continue
         if pname == "bias" and (bias == "all" or module_path in adapted):
             p.requires_grad_(True)

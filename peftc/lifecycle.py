@@ -44,7 +44,7 @@ class AdapterLifecycle:
 
         matched, selectors, saved, options = match_rules(self.base_model, rules, self._catalog, modules_to_save)
         self._register(name, matched, selectors, saved, options)
-        train_biases(self.base_model, options["bias"], {s.path for s, _ in matched})
+        train_biases(self.base_model, options["bias"], {s.path for s, _ in matched}, saved)
         self._refresh()
 
     def set_adapter(self, names: str | list[str]) -> None:

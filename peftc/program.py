@@ -116,6 +116,7 @@ class CompiledModel(AdapterLifecycle, nn.Module):
                     raise RuleError(f"adapter kind {type(adapter).__name__} declares no parameters at {site.path}; "
                                     "an adapter must add at least one trainable parameter")
                 states.append((adapter, site, key, state))
+        states = _unique_keys(states)
         tree = nn.Module()
         placements, rewrites = [], []
         for adapter, site, key, state in states:
@@ -367,6 +368,27 @@ class CompiledModel(AdapterLifecycle, nn.Module):
         from .formats.export import export
 
         return export(self, path, format, example_inputs, **options)
+
+
+def _unique_keys(states: list) -> list:
+    """Key each state where no other state's key nests in or under it.
+
+    A module with two adapted weights (``fc.weight`` and ``fc.proj``) would
+    otherwise key one state at ``fc`` and nest the other under it; such sites
+    are keyed by their full weight path instead. States shared by several
+    sites (one prefix table) keep their one key.
+    """
+    owner: dict[str, int] = {}
+    for _, _, key, state in states:
+        owner.setdefault(key, id(state))
+    clash = {k for k in owner for other in owner if other.startswith(k + ".")}
+    clash |= {key for _, _, key, state in states if owner[key] != id(state)}
+    out = [(a, s, s.weight_path if key in clash else key, st) for a, s, key, st in states]
+    keys: dict[str, int] = {}
+    for _, site, key, state in out:
+        if keys.setdefault(key, id(state)) != id(state) or any(k.startswith(key + ".") for k in keys if k != key):
+            raise RuleError(f"two adapter states would live at {key!r} (site {site}); use separate adapters")
+    return out
 
 
 def _has_path(root: nn.Module, dotted: str) -> bool:

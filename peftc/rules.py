@@ -153,6 +153,8 @@ def _selector_from_dict(data: dict) -> match.Selector:
         raise RuleError(f"a selector is a dict, got {data!r}")
     if "any" in data or "all" in data:
         key = "any" if "any" in data else "all"
+        if not isinstance(data[key], list) or not data[key]:
+            raise RuleError(f"selector {{'{key}': [...]}} needs a non-empty list of selectors, got {data[key]!r}")
         parts = [_selector_from_dict(d) for d in data[key]]
         out = parts[0]
         for p in parts[1:]:

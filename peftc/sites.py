@@ -81,6 +81,8 @@ class Site:
     def key(self) -> str:
         """Where the site's state lives and is saved: its module path, or its weight
         path when the weight isn't called ``weight``."""
+        if not self.path:
+            return self.weight_name
         return self.path if self.weight_name in ("weight", "") else self.weight_path
 
     @property
@@ -166,8 +168,26 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     embed_weight = getattr(embed, "weight", None)
     sites: dict[str, Site] = {}
+    # Linear-like uses first: a weight read by a linear op is a linear site, whatever else reads it.
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        use = linear_use(node)
+        if use is None or use.weight.target not in params:
+            continue
+        weight = params[use.weight.target]
+        path, wname = _site_name(node, weight, use.weight.target, model, owners, prefix)
+        out_f, in_f = weight.shape if use.layout == "out_in" else weight.shape[::-1]
+        bias = node.args[use.bias_index] if use.bias_index is not None else None
+        site = sites.setdefault(
+            f"{path}.{wname}",
+            Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
+                 weight.dtype, weight.device, layer_index(path), has_bias=bias is not None,
+                 bias_name=_bias_name(bias, path, prefix)),
+        )
+        site.nodes.append(node.name)
+    linear_weights = {id(params[use.weight.target]) for n in gm.graph.nodes
+                      if (use := linear_use(n)) is not None and use.weight.target in params}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or linear_use(node) is not None:
             continue
         if node.target in _SDPA:
             path = _strip(_module_path(node), prefix)
@@ -176,34 +196,18 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
                         layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]))
             sites.setdefault(path, site).nodes.append(node.name)
             continue
-        use = linear_use(node)
-        if use is not None:
-            weight = params.get(use.weight.target)
-            if weight is None:
-                continue
-            path, wname = _site_name(node, weight, use.weight.target, model, owners, prefix)
-            out_f, in_f = weight.shape if use.layout == "out_in" else weight.shape[::-1]
-            bias = node.args[use.bias_index] if use.bias_index is not None else None
-            bias_name = _bias_name(bias, path, prefix)
+        for arg in node.args:
+            if not (_param(arg) and arg.target in params) or id(params[arg.target]) in linear_weights:
+                continue  # a weight a linear op reads is that op's site only (x @ W.T's transpose too)
+            weight = params[arg.target]
+            path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
             site = sites.setdefault(
                 f"{path}.{wname}",
-                Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
-                     weight.dtype, weight.device, layer_index(path), has_bias=bias is not None,
-                     bias_name=bias_name),
+                Site(path, wname, _op_name(node).split(".")[1], _op_name(node),
+                     dtype=weight.dtype, device=weight.device, layer=layer_index(path),
+                     input_embedding=weight is embed_weight and node.target == aten.embedding.default),
             )
             site.nodes.append(node.name)
-            continue
-        for arg in node.args:
-            if _param(arg) and arg.target in params:
-                weight = params[arg.target]
-                path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
-                site = sites.setdefault(
-                    f"{path}.{wname}",
-                    Site(path, wname, _op_name(node).split(".")[1], _op_name(node),
-                         dtype=weight.dtype, device=weight.device, layer=layer_index(path),
-                         input_embedding=weight is embed_weight and node.target == aten.embedding.default),
-                )
-                site.nodes.append(node.name)
     return list(sites.values())
 
 

@@ -39,7 +39,7 @@ def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
         if p.adapter_name != name:
             continue
         prompt_learning |= isinstance(p.adapter, (Prompt, Prefix))
-        out.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.site.key}."))
+        out.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.key}."))
     # PEFT keys a prompt-learning adapter's modules_to_save copies one level up.
     copies = "base_model." if prompt_learning else PREFIX
     for path, clone in cm._saved.get(name, {}).items():
@@ -152,7 +152,7 @@ def lora_config(cm, name: str) -> dict:
     use_rslora = rslora == {True}
     if len(rslora) > 1:
         raise PeftcError(f"adapter {name!r} mixes rsLoRA and plain LoRA sites; PEFT can't express that")
-    alphas = {p.site.key: _alpha(p, use_rslora) for p in placements}
+    alphas = {p.key: _alpha(p, use_rslora) for p in placements}
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
     dropouts = {p.adapter.dropout for p in placements}
     if len(dropouts) > 1:
@@ -169,7 +169,7 @@ def lora_config(cm, name: str) -> dict:
         "lora_dropout": max(dropouts, default=0.0),
         "target_modules": sorted(alphas),
         "rank_pattern": {re.escape(k): p.state.r for p in placements
-                         if p.state.r != r and (k := p.site.key)},
+                         if p.state.r != r and (k := p.key)},
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
         "use_rslora": use_rslora,
         "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),

@@ -61,6 +61,11 @@ class Placement:
         return self.site.path
 
     @property
+    def key(self) -> str:
+        """Where the state lives under ``peftc.adapters.<name>`` and, for PEFT, on disk."""
+        return self.target.split(".", 2)[2]
+
+    @property
     def op(self) -> str:
         return self.site.op
 

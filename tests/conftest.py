@@ -1,0 +1,330 @@
+"""Shared tiny models and helpers for the peftc test suite.
+
+Every transformers model here is built from a tiny config with random weights
+(hidden 32, 2 layers, vocab 128): no model hub, no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import fx, nn
+
+VOCAB = 128
+
+# The models here are tiny (hidden 32): intra-op threads only add synchronisation, which costs
+# 3-4x wall time when the 2 cores are shared with other processes. One thread is fastest.
+torch.set_num_threads(1)
+
+# Shared hypothesis settings: few examples, no deadline, no example database on disk.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "peftc",
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        print_blob=True,
+    )
+    settings.load_profile("peftc")
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+
+
+def pytest_configure(config):
+    for line in (
+        "ignore::FutureWarning",
+        "ignore::DeprecationWarning",
+        "ignore:.*fan_in_fan_out.*:UserWarning",
+        "ignore:.*Failed to fetch module.*:UserWarning",
+        "ignore:.*Model config.*:UserWarning",
+    ):
+        config.addinivalue_line("filterwarnings", line)
+
+
+# -- tiny transformers models ------------------------------------------------------
+
+
+def make_llama(seed: int = 0, **overrides) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def make_qwen2(seed: int = 0, **overrides) -> nn.Module:
+    """Qwen2: grouped-query attention (4 query heads, 2 key/value heads) and q/k/v biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+
+
+def make_mistral(seed: int = 0, **overrides) -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**kw)).eval()
+
+
+def make_gpt2(seed: int = 0, **overrides) -> nn.Module:
+    """GPT-2: Conv1D layers (``addmm`` with an [in, out] weight) and a tied lm_head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+              bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**kw)).eval()
+
+
+def make_bert_cls(seed: int = 0, num_labels: int = 3, **overrides) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**kw)).eval()
+
+
+BUILDERS = {
+    "llama": make_llama,
+    "qwen2": make_qwen2,
+    "mistral": make_mistral,
+    "gpt2": make_gpt2,
+    "bert": make_bert_cls,
+}
+
+
+@pytest.fixture
+def llama():
+    return make_llama()
+
+
+@pytest.fixture
+def qwen2():
+    return make_qwen2()
+
+
+@pytest.fixture
+def mistral():
+    return make_mistral()
+
+
+@pytest.fixture
+def gpt2():
+    return make_gpt2()
+
+
+@pytest.fixture
+def bert_cls():
+    return make_bert_cls()
+
+
+def padded_batch(batch: int = 3, length: int = 9, seed: int = 0):
+    """Token ids and an attention mask with left padding (row 0) and right padding (row 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    if batch > 1:
+        mask[1, -2:] = 0
+    return ids, mask
+
+
+# -- PEFT interop ---------------------------------------------------------------------
+
+
+def copy_peft_weights(cm, pm, adapter: str = "default") -> None:
+    """Copy PEFT's LoRA matrices and modules_to_save copies into a peftc CompiledModel."""
+    sd = pm.state_dict()
+    with torch.no_grad():
+        for p in cm.sites:
+            p.state.lora_A.copy_(sd[f"base_model.model.{p.path}.lora_A.{adapter}.weight"])
+            p.state.lora_B.copy_(sd[f"base_model.model.{p.path}.lora_B.{adapter}.weight"])
+        saved = cm.peftc.saved[adapter] if adapter in cm.peftc.saved else None
+        if saved is not None:
+            for name, param in saved.named_parameters():
+                path, _, pname = name.rpartition(".")
+                param.copy_(sd[f"base_model.model.{path}.modules_to_save.{adapter}.{pname}"])
+
+
+# -- model state snapshots ------------------------------------------------------------
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Every parameter and buffer (cloned) with its requires_grad flag."""
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out["param:" + name] = (p.detach().clone(), p.requires_grad)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        out["buffer:" + name] = (b.detach().clone(), None)
+    return out
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for key, (value, flag) in before.items():
+        new_value, new_flag = after[key]
+        assert new_flag == flag, f"{key}: requires_grad changed from {flag} to {new_flag}"
+        assert new_value.dtype == value.dtype, key
+        assert torch.equal(new_value, value) or (
+            value.is_floating_point() and torch.equal(new_value.isnan(), value.isnan())
+            and torch.equal(torch.nan_to_num(new_value), torch.nan_to_num(value))
+        ), f"{key} changed"
+
+
+# -- graph structure --------------------------------------------------------------------
+
+
+def aten_ops(gm: fx.GraphModule) -> list[str]:
+    """The ATen ops and tensor attributes a graph module reads, in order.
+
+    Higher-order ops (``wrap_with_set_grad_enabled`` regions) are expanded in
+    place, so graphs that differ only in whether such a region was inlined compare equal.
+    """
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            for a in n.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    sub = getattr(gm, a.target, None) if "." not in a.target else None
+                    if isinstance(sub, fx.GraphModule):
+                        out += aten_ops(sub)
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            out.append(str(n.target))
+        elif n.op == "get_attr":
+            obj = gm
+            try:
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                obj = None
+            if isinstance(obj, torch.Tensor):
+                out.append("get_attr " + n.target)
+    return out
+
+
+# -- small plain models -----------------------------------------------------------------
+
+
+class FLinear(nn.Module):
+    """A linear layer written as ``F.linear`` on its own parameters."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def dense(self):
+        """(weight [out, in], bias or None) for a reference computation."""
+        return self.weight, self.bias
+
+
+class MatMul(nn.Module):
+    """``x @ W`` with ``W`` stored [in, out] (layout "in_out")."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
+
+    def forward(self, x):
+        y = x @ self.W
+        return y + self.b if self.b is not None else y
+
+    def dense(self):
+        return self.W.T, self.b
+
+
+class MatMulT(nn.Module):
+    """``x @ W.T`` with ``W`` stored [out, in] (layout "out_in")."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y + self.b if self.b is not None else y
+
+    def dense(self):
+        return self.weight, self.b
+
+
+class Stack(nn.Module):
+    """Layers of several linear forms with tanh between them."""
+
+    KINDS = {"linear": None, "flinear": FLinear, "matmul": MatMul, "matmul_t": MatMulT}
+
+    def __init__(self, widths: list[int], kinds: list[str], biases: list[bool]):
+        super().__init__()
+        layers = []
+        for d_in, d_out, kind, bias in zip(widths[:-1], widths[1:], kinds, biases, strict=True):
+            layers.append(nn.Linear(d_in, d_out, bias=bias) if kind == "linear"
+                          else self.KINDS[kind](d_in, d_out, bias))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+def dense_of(layer: nn.Module):
+    if isinstance(layer, nn.Linear):
+        return layer.weight, layer.bias
+    return layer.dense()
+
+
+def lora_term(h: torch.Tensor, state) -> torch.Tensor:
+    """``scaling * (h A^T) B^T`` in float64, from a LoRA state's tensors."""
+    a, b = state.lora_A.detach().double(), state.lora_B.detach().double()
+    return float(state.scaling) * (h.double() @ a.T) @ b.T
+
+
+def reference_forward(model: Stack, cm, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s forward with every adapted layer's LoRA added, all in float64.
+
+    Computed from the weights directly: ``y = x W^T + b + scaling * (x A^T) B^T``.
+    """
+    by_path = {p.path: p for p in cm.sites}
+    h = x.double()
+    for i, layer in enumerate(model.layers):
+        w, b = dense_of(layer)
+        y = h @ w.detach().double().T
+        if b is not None:
+            y = y + b.detach().double()
+        p = by_path.get(f"layers.{i}")
+        if p is not None:
+            y = y + lora_term(h, p.state)
+        h = torch.tanh(y) if i < len(model.layers) - 1 else y
+    return h
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(model)
