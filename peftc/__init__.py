@@ -15,6 +15,7 @@ from .errors import MergeError, PeftcError, RuleError, TraceError
 from .load import from_pretrained
 from .match import Selector, attention, embedding, input_embeddings, linear, module, op, where
 from .passes.insert import Builder, Placement
+from .pattern import PatternSite, pattern
 from .program import CompiledModel
 from .rules import Rule, RuleSet, load_rules
 from .sites import Site
@@ -27,6 +28,7 @@ __all__ = [
     "LoRA",
     "MergeError",
     "PeftcError",
+    "PatternSite",
     "Placement",
     "Prefix",
     "Prompt",
@@ -45,6 +47,7 @@ __all__ = [
     "load_rules",
     "module",
     "op",
+    "pattern",
     "where",
 ]
 __version__ = "0.1.0"

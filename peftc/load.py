@@ -8,10 +8,10 @@ from torch import nn
 
 from .compile import compile
 from .errors import PeftcError, RuleError
-from .formats.peft import load_tensors, read_checkpoint
+from .formats.peft import NATIVE, load_tensors, native_rules, read_checkpoint
 from .program import CompiledModel
 
-_KNOWN = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
+_KNOWN = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", NATIVE)
 
 
 def from_pretrained(
@@ -20,9 +20,14 @@ def from_pretrained(
     example_inputs=None,
     is_trainable: bool = False,
     adapter_name: str = "default",
+    rules=None,
     **compile_kwargs,
 ) -> CompiledModel:
-    """Load an adapter saved by PEFT or by peftc (LoRA, prompt or prefix tuning).
+    """Load an adapter saved by PEFT or by peftc.
+
+    PEFT's format holds LoRA, prompt and prefix tuning; peftc's own
+    (``peft_type: "PEFTC"``) holds any adapter kind, BitFit and custom kinds
+    included (import a custom kind's module first).
 
     Arguments:
         model: the base model the adapter was trained on.
@@ -31,6 +36,8 @@ def from_pretrained(
         is_trainable: leave the adapter trainable; by default it is frozen and
             the result is in eval mode, as PEFT does.
         adapter_name: the name to load it under.
+        rules: the rules the adapter was built with; needed only for adapters on
+            pattern-matched sites, which can't be found again from names.
 
     Raises:
         PeftcError: a missing or corrupt file, an unknown ``peft_type``, or a
@@ -42,7 +49,11 @@ def from_pretrained(
     if peft_type not in _KNOWN:
         raise PeftcError(f"{adapter_dir}: unknown peft_type {config.get('peft_type')!r}; "
                          f"peftc loads {', '.join(_KNOWN)}")
-    if peft_type == "PREFIX_TUNING":
+    if rules is not None:
+        config = rules
+    elif peft_type == NATIVE:
+        config = native_rules(config)
+    elif peft_type == "PREFIX_TUNING":
         config = {**config, "prefix_projection": False}  # the saved table is already projected
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:

@@ -22,13 +22,14 @@ that matched a model parameter is named in ``site.params`` (for merging).
 Literals (the ``0.125`` above, dims, einsum equations) are wildcards too unless
 ``ignore_literals=False``.
 
-Matching uses torch.fx's :class:`~torch.fx.passes.utils.matcher_utils.SubgraphMatcher`:
-it walks use-def edges backwards from the pattern's output, compares ATen
-overloads and argument positions (normalising keyword/positional forms by the
-op schema), treats placeholders as wildcards, and rejects matches whose inner
-values leak out of the matched subgraph. networkx isomorphism would need every
-node's target and argument position encoded as labels by hand and knows
-nothing of schemas or literals, for no gain on patterns of a few nodes.
+Matching uses torch.fx's :class:`~torch.fx.passes.utils.matcher_utils.SubgraphMatcher`,
+not networkx isomorphism: it starts from the graph nodes with the pattern
+output's op and walks use-def edges backwards, compares ATen overloads and
+argument positions (normalising keyword/positional forms by the op schema),
+treats placeholders as wildcards, and rejects matches whose inner values leak
+out of the matched subgraph. networkx would need every node's target,
+argument position and literal encoded as labels by hand, and knows nothing of
+op schemas or leaking values.
 """
 
 from __future__ import annotations
@@ -178,16 +179,19 @@ class PatternSelector(Selector):
 
     def find(self, gm: fx.GraphModule) -> list:
         """The matcher's matches in ``gm`` that touch no adapter node, in graph order."""
+        # Overlaps are removed here, after dropping matches on adapter nodes, so that
+        # such a match never hides one on the model's own nodes.
         matcher = SubgraphMatcher(self.gm.graph, match_output=False, match_placeholder=False,
-                                  remove_overlapping_matches=True, ignore_literals=self.ignore_literals)
+                                  remove_overlapping_matches=False, ignore_literals=self.ignore_literals)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        out = []
-        for m in matcher.match(gm.graph):
-            inner = [g for p, g in m.nodes_map.items() if p.op not in ("placeholder", "output")]
-            if any("peftc" in g.meta for g in inner):
+        out, taken = [], set()
+        for m in sorted(matcher.match(gm.graph), key=lambda m: order[self._anchor(m)]):
+            inner = {g for p, g in m.nodes_map.items() if p.op not in ("placeholder", "output")}
+            if any("peftc" in g.meta for g in inner) or inner & taken:
                 continue
+            taken |= inner
             out.append(m)
-        return sorted(out, key=lambda m: order[self._anchor(m)])
+        return out
 
     def _anchor(self, m) -> fx.Node:
         return m.nodes_map[self._output]
@@ -207,12 +211,12 @@ class PatternSelector(Selector):
             inputs[arg_name] = _NodeName(g.name) if isinstance(g, fx.Node) else g
             if isinstance(g, fx.Node):
                 shapes[arg_name] = _shape(g)
-                if g.op == "get_attr":
+                if g.op == "get_attr" and _is_parameter(gm, g.target):
                     params[arg_name] = g.target
         matched = {}
         owners = []
         for pn, g in m.nodes_map.items():
-            if pn.op == "get_attr":
+            if pn.op == "get_attr" and _is_parameter(gm, g.target):
                 params[pn.target.removeprefix("fn.")] = g.target
             elif pn.op == "call_function":
                 matched[pn.name] = g.name
@@ -400,6 +404,14 @@ def _module_path(node: fx.Node) -> str | None:
         return None
     path = list(stack.values())[-1][0]
     return None if path.startswith("_empty_nn_module_stack") else path
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _common_module(paths: list[str]) -> str:

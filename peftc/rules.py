@@ -295,6 +295,8 @@ class _PeftTargets(match.Selector):
         self.layers_pattern, self.modules_to_save = layers_pattern, modules_to_save
 
     def __call__(self, site: Site) -> bool:
+        if not site.is_linear:
+            return False
         key = site.path
         if self.exclude and _names_match(self.exclude, key):
             return False
@@ -344,6 +346,8 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
                     f"rule {rule} matched no site: the model has no {kind} op peftc can see. "
                     "For attention, load the model with attn_implementation='sdpa'"
                 )
+            if getattr(rule.selector, "explain_miss", lambda: None)():
+                raise RuleError(f"rule {rule} matched no site")
             raise RuleError(f"rule {rule} matched no site. {_nearest(rule, sites)}")
         for site in hits:
             why = rule.adapter.unsupported(site)

@@ -184,8 +184,6 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
                  bias_name=_bias_name(bias, path, prefix)),
         )
         site.nodes.append(node.name)
-    linear_weights = {id(params[use.weight.target]) for n in gm.graph.nodes
-                      if (use := linear_use(n)) is not None and use.weight.target in params}
     for node in gm.graph.nodes:
         if node.op != "call_function" or linear_use(node) is not None:
             continue
@@ -197,10 +195,12 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             sites.setdefault(path, site).nodes.append(node.name)
             continue
         for arg in node.args:
-            if not (_param(arg) and arg.target in params) or id(params[arg.target]) in linear_weights:
-                continue  # a weight a linear op reads is that op's site only (x @ W.T's transpose too)
+            if not (_param(arg) and arg.target in params):
+                continue
             weight = params[arg.target]
             path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
+            if sites.get(f"{path}.{wname}", Site("", "", "", "")).is_linear:
+                continue  # a linear site holds linear ops only (x @ W.T's transpose, W ** 2 elsewhere)
             site = sites.setdefault(
                 f"{path}.{wname}",
                 Site(path, wname, _op_name(node).split(".")[1], _op_name(node),

@@ -49,7 +49,7 @@ class Adapter:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.kind:
+        if cls.__dict__.get("kind"):
             _KINDS[cls.kind] = cls
 
     def on(self, selector: Selector) -> Rule:

@@ -27,6 +27,7 @@ from ..adapters.prompt import Prompt
 from ..errors import PeftcError
 
 CONFIG_NAME = "adapter_config.json"
+NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -49,11 +50,57 @@ def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(cm, name: str) -> dict:
-    """The PEFT config dict for adapter ``name`` (LoRA, prompt or prefix tuning)."""
-    kinds = {type(p.adapter) for p in cm.sites if p.adapter_name == name}
+    """The config dict for adapter ``name``: PEFT's for LoRA, prompt or prefix tuning,
+    peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
+    placements = [p for p in cm.sites if p.adapter_name == name]
+    kinds = {type(p.adapter) for p in placements}
     if kinds == {Prompt} or kinds == {Prefix}:
         return _prompt_learning_config(cm, name, kinds.pop())
-    return lora_config(cm, name)
+    if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
+        return lora_config(cm, name)
+    return native_config(cm, name)
+
+
+def native_config(cm, name: str) -> dict:
+    """peftc's config: every site with its adapter's arguments (``Adapter.config()``).
+
+    Tensors use the same keys as PEFT's format (``base_model.model.<key>.<state>``).
+    Sites found by a pattern can't be found again from a name alone: loading
+    such an adapter needs its rules (``from_pretrained(..., rules=...)``).
+    """
+    options = cm._options.get(name, {})
+    return {
+        "peft_type": NATIVE,
+        "format_version": 1,
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "bias": options.get("bias", "none"),
+        "modules_to_save": options.get("modules_to_save") or None,
+        "sites": [{"weight_path": p.site.weight_path, "kind": p.site.kind, "op": p.site.op,
+                   "adapter": p.adapter.config()} for p in cm.sites if p.adapter_name == name],
+    }
+
+
+def native_rules(config: dict) -> dict:
+    """Rules rebuilding a native config's adapter on the same sites (by weight path)."""
+    from ..adapters.base import adapter_from_config
+    from ..match import where
+    from ..rules import Rule, RuleSet
+
+    if any(site["kind"] == "pattern" for site in config["sites"]):
+        raise PeftcError("this adapter sits on pattern-matched sites; pass the rules it was built "
+                         "with: from_pretrained(model, dir, rules=[...])")
+    groups: dict[str, list[str]] = {}
+    for site in config["sites"]:
+        groups.setdefault(json.dumps(site["adapter"], sort_keys=True), []).append(site["weight_path"])
+    rules = []
+    for spec, paths in groups.items():
+        try:
+            adapter = adapter_from_config(json.loads(spec))
+        except PeftcError as e:
+            raise PeftcError(f"{e}. A custom kind must be imported before loading an adapter that uses it") from e
+        wanted = frozenset(paths)
+        rules.append(Rule(where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})"), adapter))
+    return RuleSet(rules, config.get("modules_to_save") or [], config.get("bias", "none"), config.get("task_type"))
 
 
 def _prompt_learning_config(cm, name: str, kind: type) -> dict:
@@ -140,18 +187,9 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
 def lora_config(cm, name: str) -> dict:
     """A PEFT ``LoraConfig`` dict that rebuilds adapter ``name`` on the same sites."""
     placements = [p for p in cm.sites if p.adapter_name == name]
-    kinds = {type(p.adapter) for p in placements}
-    if kinds - {LoRA}:
-        raise PeftcError(
-            f"adapter {name!r} mixes kinds {sorted(k.__name__ for k in kinds)}; PEFT's format holds one "
-            "kind per adapter. Save each kind under its own adapter name"
-        )
     ranks = Counter(p.state.r for p in placements)
     r = ranks.most_common(1)[0][0] if ranks else 8
-    rslora = {p.adapter.use_rslora for p in placements}
-    use_rslora = rslora == {True}
-    if len(rslora) > 1:
-        raise PeftcError(f"adapter {name!r} mixes rsLoRA and plain LoRA sites; PEFT can't express that")
+    use_rslora = {p.adapter.use_rslora for p in placements} == {True}
     alphas = {p.key: _alpha(p, use_rslora) for p in placements}
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
     dropouts = {p.adapter.dropout for p in placements}

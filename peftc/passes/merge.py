@@ -114,7 +114,8 @@ def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -
 def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None) -> None:
     """Add (``sign=1``) or subtract (``sign=-1``) every placement's delta in place."""
     desc = "merging" if sign > 0 else "unmerging"
-    bar = tqdm(placements, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
+    ordered = placements if sign > 0 else placements[::-1]  # undo stacked kinds last-first
+    bar = tqdm(ordered, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
     for p in bar:
         for path, param, delta in _deltas(model, p, sign):
             if param is None:

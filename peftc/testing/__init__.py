@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import importlib
 
-from .assertions import TOLERANCES, assert_merge_equivalent, assert_roundtrip, assert_unmerge_restores
+from .assertions import (
+    TOLERANCES,
+    assert_merge_equivalent,
+    assert_roundtrip,
+    assert_unmerge_restores,
+)
 
 __all__ = [
     "TOLERANCES",

@@ -14,6 +14,7 @@ difference just after it (merged against unmerged), the first site off marked.
 from __future__ import annotations
 
 import copy
+import inspect
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -119,7 +120,8 @@ def assert_roundtrip(model: nn.Module, rules, inputs, *, directory=None, atol: f
                      backend="eager", **compile_kwargs) -> None:
     """``save_pretrained`` then load gives the same adapter state and the same outputs.
 
-    Loads with ``peftc.from_pretrained`` into a fresh copy of ``model``. Where
+    Loads with ``peftc.from_pretrained`` into a fresh copy of ``model`` (passing
+    ``rules`` when it takes them, as kinds outside PEFT's format need). Where
     this peftc has no ``from_pretrained``, it reads the saved safetensors back
     and compares them with every site's ``saved_state`` instead.
 
@@ -144,8 +146,10 @@ def assert_roundtrip(model: nn.Module, rules, inputs, *, directory=None, atol: f
         if loader is None:
             failures = _compare_files(run, folder)
         else:
+            extra = {"rules": rules} if "rules" in inspect.signature(loader).parameters else {}
             try:
-                loaded = loader(pristine, str(folder), example_inputs=inputs, backend=backend, adapter_name=name)
+                loaded = loader(pristine, str(folder), example_inputs=inputs, backend=backend,
+                                adapter_name=name, **extra)
             except Exception as e:
                 raise AssertionError(f"loading the saved adapter of {run.what} failed: "
                                      f"{type(e).__name__}: {e}") from e
