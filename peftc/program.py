@@ -36,7 +36,6 @@ from .passes.insert import STATE_ROOT, Placement, insert_adapters, strip_adapter
 from .passes.lower import lower
 from .passes.merge import (
     apply_deltas,
-    check_finite,
     create_biases,
     mergeable_or_raise,
     missing_biases,
@@ -278,9 +277,8 @@ class CompiledModel(AdapterLifecycle, nn.Module):
         placements = [p for p in self._placements if p.adapter_name in names]
         mergeable_or_raise(placements)
         copies = self._merged_copies(names)
-        missing = missing_biases(self.base_model, placements)
+        missing = missing_biases(self.base_model, placements, safe)
         if safe:
-            check_finite(self.base_model, placements, +1)
             for path, clone in copies.items():
                 _check_module_finite(path, clone)
         self._created_biases = create_biases(self.base_model, missing)

@@ -9,7 +9,9 @@ trace covers every size export could keep symbolic; a call it can't take
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +56,15 @@ def default_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 def with_defaults(model: nn.Module, kwargs: dict) -> dict:
     """Drop keyword arguments that are None and ask transformers models not to build a KV cache."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
+    if "use_cache" not in kwargs and _takes_use_cache(type(model)):
         kwargs["use_cache"] = False
     return kwargs
+
+
+@functools.cache
+def _takes_use_cache(model_class: type) -> bool:
+    # Every forward call asks: look the signature up once per class.
+    return "use_cache" in inspect.signature(model_class.forward).parameters
 
 
 def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
@@ -99,38 +107,46 @@ class Trace:
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         """Whether every tensor input's static dims and symbolic ranges fit this trace."""
         flat = pytree.tree_leaves((args, self.order(kwargs)))
-        user = [s for s in self.ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-        vals = {n.name: n.meta.get("val") for n in self.ep.graph.nodes if n.op == "placeholder"}
-        if len(flat) != len(user):
+        if len(flat) != len(self._input_bounds):
             return False
-        for value, spec in zip(flat, user, strict=True):
-            if not isinstance(spec.arg, TensorArgument) or not isinstance(value, torch.Tensor):
+        for value, bounds in zip(flat, self._input_bounds, strict=True):
+            if bounds is None or not isinstance(value, torch.Tensor):
                 continue
-            traced = vals.get(spec.arg.name)
-            if traced is None or traced.dim() != value.dim():
+            if len(bounds) != value.dim():
                 return False
-            for dim, size in zip(traced.shape, value.shape, strict=True):
-                if not _fits(dim, size, self.ep.range_constraints):
-                    return False
+            if not all(lo <= size <= hi for (lo, hi), size in zip(bounds, value.shape, strict=True)):
+                return False
         return True
 
+    @functools.cached_property
+    def _input_bounds(self) -> list[list[tuple[float, float]] | None]:
+        """Per user input, ``(low, high)`` for each dim (None for a non-tensor), read off the
+        graph once: ``accepts`` runs on every call."""
+        user = [s for s in self.ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        vals = {n.name: n.meta.get("val") for n in self.ep.graph.nodes if n.op == "placeholder"}
+        out = []
+        for spec in user:
+            traced = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
+            out.append(None if traced is None else [_dim_range(d, self.ep.range_constraints) for d in traced.shape])
+        return out
 
-def _fits(dim, size: int, ranges) -> bool:
+
+def _dim_range(dim, ranges) -> tuple[float, float]:
+    """The sizes a traced dim takes: itself when static, its value range when symbolic."""
     if isinstance(dim, int):
-        return dim == size
-    expr = dim.node.expr
-    if expr in ranges:
-        r = ranges[expr]
-        return _bound(r.lower, size) <= size <= _bound(r.upper, size)
-    return True
+        return dim, dim
+    r = ranges.get(dim.node.expr)
+    if r is None:  # an expression of other dims: export's own check decides
+        return 0, math.inf
+    return _bound(r.lower, 0), _bound(r.upper, math.inf)
 
 
-def _bound(value, size: int) -> int:
-    """A range bound as an int; an infinite bound lets ``size`` through."""
+def _bound(value, infinite: float) -> float:
+    """A range bound as an int; ``infinite`` when it is unbounded."""
     try:
         return int(value)
     except (TypeError, ValueError, AttributeError, OverflowError):
-        return size
+        return infinite
 
 
 def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple, boundary: nn.Module | None = None,

@@ -51,35 +51,29 @@ def pytest_configure(config):
 # -- tiny transformers models ------------------------------------------------------
 
 
-def make_llama(seed: int = 0, **overrides) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64)
 
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    kw.update(overrides)
+
+def _decoder(config_name: str, model_name: str, seed: int, kv_heads: int, overrides: dict) -> nn.Module:
+    import transformers
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    config = getattr(transformers, config_name)(**{**_DECODER, "num_key_value_heads": kv_heads, **overrides})
+    return getattr(transformers, model_name)(config).eval()
+
+
+def make_llama(seed: int = 0, **overrides) -> nn.Module:
+    return _decoder("LlamaConfig", "LlamaForCausalLM", seed, 4, overrides)
 
 
 def make_qwen2(seed: int = 0, **overrides) -> nn.Module:
     """Qwen2: grouped-query attention (4 query heads, 2 key/value heads) and q/k/v biases."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    return _decoder("Qwen2Config", "Qwen2ForCausalLM", seed, 2, overrides)
 
 
 def make_mistral(seed: int = 0, **overrides) -> nn.Module:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return MistralForCausalLM(MistralConfig(**kw)).eval()
+    return _decoder("MistralConfig", "MistralForCausalLM", seed, 2, overrides)
 
 
 def make_gpt2(seed: int = 0, **overrides) -> nn.Module:

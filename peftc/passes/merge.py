@@ -56,15 +56,22 @@ def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor
     return param
 
 
-def missing_biases(model: nn.Module, placements: list[Placement]) -> list[tuple[Placement, str]]:
-    """Deltas aimed at a bias the op doesn't have: ``(placement, bias path)``.
+def missing_biases(model: nn.Module, placements: list[Placement], safe: bool = False) -> list[tuple[Placement, str]]:
+    """Check a merge before it changes anything; return the biases it must create.
+
+    Computes each placement's deltas once: every target must exist with the
+    delta's shape, or be a bias an ``aten.linear`` can take; with ``safe``, no
+    merged value may be NaN or infinite.
+
+    Returns:
+        ``(placement, bias path)`` for deltas aimed at a bias the op doesn't have yet.
 
     Raises:
-        MergeError: when the op can't take a bias (``mm``/``matmul``), before anything changes.
+        MergeError: a target that can't take its delta, or (``safe``) a non-finite result.
     """
     out = []
     for p in placements:
-        for path, param, _ in _deltas(model, p):
+        for path, param, delta in _deltas(model, p):
             if param is None:
                 if p.site.op != "aten.linear.default":
                     raise MergeError(
@@ -72,7 +79,20 @@ def missing_biases(model: nn.Module, placements: list[Placement]) -> list[tuple[
                         "nothing was merged. Put BitFit on linear or addmm ops only to merge it"
                     )
                 out.append((p, path))
+            if safe:
+                _check_finite(p, path, param, delta)
     return out
+
+
+def _check_finite(p: Placement, path: str, param: torch.Tensor | None, delta: torch.Tensor) -> None:
+    current = delta.new_zeros(delta.shape) if param is None else param
+    new = (widen(current) + delta.to(current.device)).to(current.dtype)
+    if not torch.isfinite(delta).all() or not torch.isfinite(new).all():
+        raise MergeError(
+            f"merging adapter {p.adapter_name!r} into {path} would write non-finite values "
+            f"(NaN/inf in the adapter, or overflow of {current.dtype}); no weight was changed. "
+            "Check the adapter's training, or merge into a wider dtype"
+        )
 
 
 @torch.no_grad()
@@ -93,21 +113,6 @@ def remove_biases(model: nn.Module, created: list[str]) -> None:
     for path in created:
         module_path, _, name = path.rpartition(".")
         model.get_submodule(module_path).register_parameter(name, None)
-
-
-def check_finite(model: nn.Module, placements: list[Placement], sign: int = 1) -> None:
-    """Raise if any merged (or unmerged) weight would hold a NaN or infinity; change nothing."""
-    for p in placements:
-        for path, param, delta in _deltas(model, p, sign):
-            if param is None:
-                param = delta.new_zeros(delta.shape)
-            new = widen(param) + sign * delta.to(param.device)
-            if not torch.isfinite(delta).all() or not torch.isfinite(new.to(param.dtype)).all():
-                raise MergeError(
-                    f"merging adapter {p.adapter_name!r} into {path} would write non-finite values "
-                    f"(NaN/inf in the adapter, or overflow of {param.dtype}); no weight was changed. "
-                    "Check the adapter's training, or merge into a wider dtype"
-                )
 
 
 @torch.no_grad()
