@@ -229,6 +229,35 @@ class CompiledModel(AdapterLifecycle, nn.Module):
         self._variants.clear()
         return super()._apply(fn, recurse)
 
+    # -- public accessors (for formats, the CLI and tests) -------------------
+
+    @property
+    def programs(self) -> list[_Variant]:
+        """Every graph built so far (one per input signature and mode)."""
+        return [v for vs in self._variants.values() for v in vs]
+
+    def traces(self) -> list[Trace]:
+        """Every trace the model holds: those of built graphs, and the first (maybe unbuilt)."""
+        out = [v.trace for v in self.programs]
+        return out + [t for t in (self._first, self._catalog) if t is not None and t not in out]
+
+    def program_for(self, *args, **kwargs) -> _Variant:
+        """The program (``trace``, ``gm``, ``fn``) a call with these inputs runs, built if needed."""
+        return self._variant(*self._inputs(args, kwargs))
+
+    @property
+    def created_biases(self) -> list[str]:
+        """Paths of the biases ``merge`` created on bias-less linears (empty unless merged)."""
+        return list(self._created_biases)
+
+    def saved_modules(self, name: str) -> dict[str, nn.Module]:
+        """Adapter ``name``'s ``modules_to_save`` copies, by module path."""
+        return dict(self._saved.get(name, {}))
+
+    def adapter_options(self, name: str) -> dict:
+        """Adapter ``name``'s options: ``bias``, ``modules_to_save``, ``task_type``."""
+        return dict(self._options.get(name, {}))
+
     # -- inspecting -----------------------------------------------------------
 
     @property

@@ -89,6 +89,11 @@ class Trace:
     prefix: str = ""  # what module paths in the graph carry in front of the model's
     boundary: bool = False  # traced through the input boundary, which takes one dict
 
+    @property
+    def training(self) -> bool:
+        """Whether this trace is of the model in training mode."""
+        return self.key[0]
+
     def module(self) -> torch.fx.GraphModule:
         """A fresh graph module over the model's own parameters (never copies)."""
         gm = self.ep.module()
