@@ -5,49 +5,33 @@ The public API, listed once::
     cm = peftc.compile(model, [peftc.LoRA(r=8).on(peftc.linear(r".*q_proj"))])
 """
 
-from .adapters.base import Adapter
-from .adapters.bitfit import BitFit
-from .adapters.lora import LoRA
-from .adapters.prefix import Prefix
-from .adapters.prompt import Prompt
-from .compile import compile
-from .errors import MergeError, PeftcError, RuleError, TraceError
-from .load import from_pretrained
-from .match import Selector, attention, embedding, input_embeddings, linear, module, op, where
-from .passes.insert import Builder, Placement
-from .pattern import PatternSite, pattern
-from .program import CompiledModel
-from .rules import Rule, RuleSet, load_rules
-from .sites import Site
+from .adapters.base import Adapter as Adapter
+from .adapters.bitfit import BitFit as BitFit
+from .adapters.lora import LoRA as LoRA
+from .adapters.prefix import Prefix as Prefix
+from .adapters.prompt import Prompt as Prompt
+from .api import compile as compile
+from .api import from_pretrained as from_pretrained
+from .compiled import CompiledModel as CompiledModel
+from .errors import MergeError as MergeError
+from .errors import PeftcError as PeftcError
+from .errors import RuleError as RuleError
+from .errors import TraceError as TraceError
+from .match import Selector as Selector
+from .match import attention as attention
+from .match import embedding as embedding
+from .match import input_embeddings as input_embeddings
+from .match import linear as linear
+from .match import module as module
+from .match import op as op
+from .match import where as where
+from .passes.builder import Builder as Builder
+from .pattern import PatternSite as PatternSite
+from .pattern import pattern as pattern
+from .rules import Rule as Rule
+from .rules import RuleSet as RuleSet
+from .rules import load_rules as load_rules
+from .sites import Site as Site
+from .state import Placement as Placement
 
-__all__ = [
-    "Adapter",
-    "BitFit",
-    "Builder",
-    "CompiledModel",
-    "LoRA",
-    "MergeError",
-    "PeftcError",
-    "PatternSite",
-    "Placement",
-    "Prefix",
-    "Prompt",
-    "Rule",
-    "RuleError",
-    "RuleSet",
-    "Selector",
-    "Site",
-    "TraceError",
-    "attention",
-    "compile",
-    "embedding",
-    "from_pretrained",
-    "input_embeddings",
-    "linear",
-    "load_rules",
-    "module",
-    "op",
-    "pattern",
-    "where",
-]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import inspect
 
 from torch import nn
 
-PREFIX = "model."
+MODEL_PREFIX = "model."  # where the model sits in a traced boundary's graph
 
 
 class Boundary(nn.Module):
@@ -26,6 +26,11 @@ class Boundary(nn.Module):
         self.model = model
         self.peftc = state_root
         self._rewrites = rewrites  # (adapter, state path under peftc)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The state paths of the rewrites, in order."""
+        return tuple(target for _, target in self._rewrites)
 
     def forward(self, kwargs: dict):
         for adapter, target in self._rewrites:

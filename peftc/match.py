@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 
 from torch import fx, nn
 
+from .errors import RuleError
 from .sites import Site, find_sites, layer_index
 
 
@@ -106,7 +107,7 @@ class _Where(Selector):
         try:
             self._regex = None if pattern is None else re.compile(pattern)
         except re.error as e:
-            raise _rule_error(f"{name}({pattern!r}): not a valid regular expression: {e}") from e
+            raise RuleError(f"{name}({pattern!r}): not a valid regular expression: {e}") from e
 
     def __call__(self, site: Site) -> bool:
         if self.kinds is not None and site.kind not in self.kinds:
@@ -145,13 +146,7 @@ def _as_layers(layers) -> frozenset[int]:
         return frozenset([layers])
     if isinstance(layers, Iterable):
         return frozenset(int(i) for i in layers)
-    raise _rule_error(f"layers={layers!r}: expected an int or an iterable of ints")
-
-
-def _rule_error(msg):
-    from .errors import RuleError
-
-    return RuleError(msg)
+    raise RuleError(f"layers={layers!r}: expected an int or an iterable of ints")
 
 
 def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:

@@ -47,7 +47,8 @@ from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
 from .errors import RuleError
 from .match import Selector
-from .sites import Site, layer_index
+from .passes.builder import META_ADAPTER, STATE_ROOT
+from .sites import Site, layer_index, module_path
 
 aten = torch.ops.aten
 
@@ -187,7 +188,7 @@ class PatternSelector(Selector):
         out, taken = [], set()
         for m in sorted(matcher.match(gm.graph), key=lambda m: order[self._anchor(m)]):
             inner = {g for p, g in m.nodes_map.items() if p.op not in ("placeholder", "output")}
-            if any("peftc" in g.meta for g in inner) or inner & taken:
+            if any(META_ADAPTER in g.meta for g in inner) or inner & taken:
                 continue
             taken |= inner
             out.append(m)
@@ -220,7 +221,7 @@ class PatternSelector(Selector):
                 params[pn.target.removeprefix("fn.")] = g.target
             elif pn.op == "call_function":
                 matched[pn.name] = g.name
-                path = _module_path(g)
+                path = module_path(g)
                 if path is not None:
                     owners.append(path)
         for target in params.values():
@@ -231,7 +232,7 @@ class PatternSelector(Selector):
             owners = [o[len(prefix):] for o in owners]
             params = {k: v[len(prefix):] if v.startswith(prefix) else v for k, v in params.items()}
         path = _common_module(owners)
-        if any(v.startswith("peftc.") for v in params.values()):
+        if any(v.startswith(STATE_ROOT + ".") for v in params.values()):
             return None
         rel = {k: v[len(path) + 1:] if path else v for k, v in params.items()}
         val = anchor.meta.get("val")
@@ -396,14 +397,6 @@ def _returned(graph: fx.Graph) -> list[fx.Node]:
 
 
 # -- node facts ---------------------------------------------------------------------
-
-
-def _module_path(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return None if path.startswith("_empty_nn_module_stack") else path
 
 
 def _is_parameter(gm: fx.GraphModule, target: str) -> bool:

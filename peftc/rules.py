@@ -10,44 +10,26 @@ The same rules can be written as a dict (or a JSON / YAML / TOML file)::
 ``select`` is ``{"linear" | "module": regex or null, "layers": [...],
 "layers_pattern": name}``, ``{"op": [names]}``, or ``{"any" | "all": [selects]}``
 and ``{"not": select}`` for composition. A PEFT ``adapter_config.json`` (or a
-``LoraConfig``) is accepted anywhere rules are.
+``LoraConfig``) is accepted anywhere rules are; :mod:`peftc.peft_config`
+translates it.
+
+:func:`match_rules` resolves rules against a traced graph's sites.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
-from . import match
-from .adapters.base import Adapter, adapter_from_config
-from .adapters.lora import LoRA
-from .adapters.prefix import Prefix
-from .adapters.prompt import Prompt
+from . import match, peft_config
+from .adapters.base import Adapter, Rule, adapter_from_config
 from .errors import RuleError
-from .sites import Site, layer_index
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Put ``adapter`` on every site that ``selector`` picks."""
-
-    selector: match.Selector
-    adapter: Adapter
-
-    def __post_init__(self):
-        if not isinstance(self.selector, match.Selector):
-            raise RuleError(f"Rule selector must be a peftc selector, got {self.selector!r}")
-        if not isinstance(self.adapter, Adapter):
-            raise RuleError(f"Rule adapter must be a peftc adapter, got {self.adapter!r}")
-
-    def __str__(self):
-        return f"{self.adapter!r}.on({self.selector.describe()})"
+from .sites import Site
 
 
 @dataclass
@@ -89,10 +71,10 @@ def load_rules(source: Any, model: nn.Module | None = None) -> RuleSet:
     if isinstance(source, (str, Path)):
         return load_rules(_read_file(Path(source)), model)
     if hasattr(source, "peft_type") and hasattr(source, "to_dict"):
-        return _from_peft(source.to_dict(), model)
+        return RuleSet(*peft_config.to_rules(source.to_dict(), model))
     if isinstance(source, dict):
         if "peft_type" in source:
-            return _from_peft(source, model)
+            return RuleSet(*peft_config.to_rules(source, model))
         return _from_dict(source)
     if isinstance(source, (list, tuple)):
         if not source:
@@ -174,157 +156,6 @@ def _selector_from_dict(data: dict) -> match.Selector:
     raise RuleError(f"unknown selector {data!r}: use linear, module, op, any, all or not")
 
 
-# PEFT's defaults when a LoraConfig names no target_modules (facts from its model table).
-_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "opt": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
-}
-_SEQ_CLS_HEADS = ["classifier", "score"]
-_LORA_KEYS = {
-    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "use_rslora", "fan_in_fan_out", "init_lora_weights", "bias", "modules_to_save",
-}
-_IGNORED_WHEN_DEFAULT = {
-    "use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
-    "layer_replication": None, "megatron_config": None, "loftq_config": {}, "eva_config": None,
-    "corda_config": None, "alora_invocation_tokens": None, "arrow_config": None,
-}
-
-
-def _from_peft(config: dict, model: nn.Module | None) -> RuleSet:
-    peft_type = str(config.get("peft_type", "")).upper().rsplit(".", 1)[-1]
-    builders = {"LORA": _from_lora, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix}
-    if peft_type not in builders:
-        raise RuleError(
-            f"peft_type {config.get('peft_type')!r} is not supported; supported: {sorted(builders)}"
-        )
-    return builders[peft_type](config, model)
-
-
-def _task_options(config: dict) -> tuple[list[str], str | None]:
-    """modules_to_save (with PEFT's classifier heads for SEQ_CLS) and the task type."""
-    modules_to_save = list(config.get("modules_to_save") or [])
-    task_type = str(config["task_type"]).rsplit(".", 1)[-1].upper() if config.get("task_type") else None
-    if task_type == "SEQ_CLS":
-        modules_to_save += [m for m in _SEQ_CLS_HEADS if m not in modules_to_save]
-    return modules_to_save, task_type
-
-
-def _from_prompt(config: dict, model) -> RuleSet:
-    init = str(config.get("prompt_tuning_init", "RANDOM")).rsplit(".", 1)[-1].upper()
-    inits = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
-    if init not in inits:
-        raise RuleError(f"prompt_tuning_init={init!r} is not supported; use one of {sorted(inits)}")
-    tokenizer = None
-    if init == "TEXT":
-        from transformers import AutoTokenizer
-
-        path = config.get("tokenizer_name_or_path")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **(config.get("tokenizer_kwargs") or {}))
-        except Exception as e:
-            raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
-                            f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
-    adapter = Prompt(config.get("num_virtual_tokens") or 0, inits[init],
-                     config.get("prompt_tuning_init_text"), tokenizer)
-    modules_to_save, task_type = _task_options(config)
-    return RuleSet([_as_rule(adapter)], modules_to_save, "none", task_type)
-
-
-def _from_prefix(config: dict, model) -> RuleSet:
-    projection = config.get("encoder_hidden_size") if config.get("prefix_projection") else None
-    adapter = Prefix(config.get("num_virtual_tokens") or 0, projection)
-    modules_to_save, task_type = _task_options(config)
-    return RuleSet([_as_rule(adapter)], modules_to_save, "none", task_type)
-
-
-def _from_lora(config: dict, model: nn.Module | None) -> RuleSet:
-    unsupported = [
-        k for k, default in _IGNORED_WHEN_DEFAULT.items()
-        if config.get(k, default) not in (default, None, {}, [], False)
-    ]
-    if unsupported:
-        raise RuleError(f"LoraConfig options {unsupported} are not supported by peftc; remove them")
-    init = config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False or 'gaussian'")
-    modules_to_save, task_type = _task_options(config)
-    targets = config.get("target_modules")
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in _DEFAULT_TARGETS:
-            raise RuleError(f"LoraConfig has no target_modules and peftc has no default for model type {model_type!r}; set target_modules")
-        targets = _DEFAULT_TARGETS[model_type]
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _all_linear(model, config.get("task_type"))
-    selector = _PeftTargets(
-        targets, config.get("exclude_modules"), config.get("layers_to_transform"),
-        config.get("layers_pattern"), modules_to_save,
-    )
-    adapter = LoRA(
-        r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
-        init=init, use_rslora=config.get("use_rslora", False),
-        rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
-    )
-    return RuleSet([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
-
-
-def _all_linear(model: nn.Module | None, task_type) -> set[str]:
-    """PEFT's "all-linear": every nn.Linear / Conv1D except the output head."""
-    if model is None:
-        raise RuleError('target_modules="all-linear" needs the model; pass rules through peftc.compile')
-    from transformers.pytorch_utils import Conv1D
-
-    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and str(task_type or "").upper().endswith("SEQ_CLS"):
-        head = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
-    if head is not None:
-        names -= {n for n, m in model.named_modules() if m is head}
-    return names
-
-
-class _PeftTargets(match.Selector):
-    """PEFT's module matching: target/exclude lists or regexes, layer filters."""
-
-    def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save):
-        self.targets, self.exclude = targets, exclude
-        self.layers = [layers] if isinstance(layers, int) else layers
-        self.layers_pattern, self.modules_to_save = layers_pattern, modules_to_save
-
-    def __call__(self, site: Site) -> bool:
-        if not site.is_linear:
-            return False
-        key = site.path
-        if self.exclude and _names_match(self.exclude, key):
-            return False
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
-            return False
-        if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, key) is not None
-        if key in self.targets:
-            return True
-        if not any(key.endswith(f".{t}") for t in self.targets):
-            return False
-        if self.layers:
-            return layer_index(key, self.layers_pattern) in self.layers
-        return True
-
-    def describe(self):
-        return f"peft_target_modules({self.targets!r})"
-
-    def hint(self):
-        return self.targets if isinstance(self.targets, str) else next(iter(self.targets), None)
-
-
-def _names_match(names, key: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith(f".{n}") for n in names)
-
-
 def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     """Match every rule against the sites, checking each rule is sound.
 
@@ -340,12 +171,9 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     for rule in rules:
         hits = [s for s in sites if rule.selector(s)]
         if not hits:
-            if isinstance(rule.adapter, (Prefix, Prompt)):
-                kind = "scaled_dot_product_attention" if isinstance(rule.adapter, Prefix) else "input-embedding"
-                raise RuleError(
-                    f"rule {rule} matched no site: the model has no {kind} op peftc can see. "
-                    "For attention, load the model with attn_implementation='sdpa'"
-                )
+            hint = rule.adapter.no_site_hint()
+            if hint:
+                raise RuleError(f"rule {rule} matched no site: {hint}")
             if getattr(rule.selector, "explain_miss", lambda: None)():
                 raise RuleError(f"rule {rule} matched no site")
             raise RuleError(f"rule {rule} matched no site. {_nearest(rule, sites)}")
@@ -370,3 +198,30 @@ def _nearest(rule: Rule, sites: list[Site]) -> str:
     shown = near or paths[:5]
     label = "Nearest module paths" if near else "Some linear sites"
     return f"{label}: {', '.join(shown)}" if shown else "The model has no parameter-consuming ops."
+
+
+def match_rules(model: nn.Module, rules, graph: fx.GraphModule, modules_to_save: list[str] | None = None):
+    """Load ``rules`` and resolve them against the sites of ``graph`` (a trace of ``model``).
+
+    Returns:
+        ``(matched (site, adapter) pairs, the rules' selectors, modules_to_save module paths,
+        options)``; options are PEFT's ``bias``, ``modules_to_save`` names and ``task_type``.
+    """
+    ruleset = load_rules(rules, model)
+    selectors = [rule.selector for rule in ruleset.rules]
+    sites = match.discover(graph, model, "", selectors)
+    matched = [(site, rule.adapter) for site, rule in resolve(ruleset.rules, sites)]
+    names = ruleset.modules_to_save + list(modules_to_save or [])
+    options = {"bias": ruleset.bias, "modules_to_save": names, "task_type": ruleset.task_type}
+    return matched, selectors, _module_paths(model, names), options
+
+
+def _module_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths ending with one of ``names`` (PEFT's modules_to_save rule), outermost only."""
+    paths = []
+    for name in dict.fromkeys(names):
+        hits = [p for p, _ in model.named_modules() if p and p.endswith(name)]
+        if not hits and name not in peft_config.SEQ_CLS_HEADS:
+            raise RuleError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
+        paths += [p for p in hits if not any(p.startswith(q + ".") for q in hits)]
+    return paths

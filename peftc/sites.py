@@ -162,9 +162,10 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
         prefix: what the graph's module paths carry in front of the model's own
             (``"model."`` when a wrapper around the model was traced).
     """
-    params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)
-              if n.startswith(prefix) and not n.startswith("peftc.")}
     owners = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    # The model's own parameters only: adapter state the graph also holds is never a site.
+    params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)
+              if n.startswith(prefix) and id(p) in owners}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     embed_weight = getattr(embed, "weight", None)
     sites: dict[str, Site] = {}
@@ -188,7 +189,7 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
         if node.op != "call_function" or linear_use(node) is not None:
             continue
         if node.target in _SDPA:
-            path = _strip(_module_path(node), prefix)
+            path = _strip(module_path(node) or "", prefix)
             k = node.args[1].meta["val"]
             site = Site(path, "", ATTENTION, _op_name(node), dtype=k.dtype, device=k.device,
                         layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]))
@@ -199,7 +200,8 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
                 continue
             weight = params[arg.target]
             path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
-            if sites.get(f"{path}.{wname}", Site("", "", "", "")).is_linear:
+            known = sites.get(f"{path}.{wname}")
+            if known is not None and known.is_linear:
                 continue  # a linear site holds linear ops only (x @ W.T's transpose, W ** 2 elsewhere)
             site = sites.setdefault(
                 f"{path}.{wname}",
@@ -219,9 +221,14 @@ def _strip(path: str, prefix: str) -> str:
     return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str | None:
+    """The path of the innermost module ``node`` ran in (as the traced graph names it);
+    None for a node export recorded no module for."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return None if path.startswith("_empty_nn_module_stack") else path
 
 
 def _bias_name(bias, path: str, prefix: str) -> str | None:
@@ -237,7 +244,7 @@ def _site_name(node, weight, target, model, owners, prefix="") -> tuple[str, str
     The innermost module the op ran in wins when it owns the weight, so a tied
     ``lm_head`` is named ``lm_head`` and not after the embedding it shares with.
     """
-    path = _strip(_module_path(node), prefix)
+    path = _strip(module_path(node) or "", prefix)
     if path:
         try:
             module = model.get_submodule(path)

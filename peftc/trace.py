@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,8 +21,8 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
+from .boundary import MODEL_PREFIX, Boundary
 from .errors import PeftcError, TraceError
-from .passes.inline import inline_grad_regions
 
 
 def call_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -67,8 +68,16 @@ def _takes_use_cache(model_class: type) -> bool:
     return "use_cache" in inspect.signature(model_class.forward).parameters
 
 
-def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
-    """A hashable key: calls with equal keys can share a trace."""
+class Signature(NamedTuple):
+    """What calls that can share a trace have in common."""
+
+    training: bool
+    spec: str  # the pytree structure of (args, sorted kwargs)
+    leaves: tuple  # per leaf: ("tensor", dtype, rank, device type) or ("const", type, repr)
+
+
+def signature(args: tuple, kwargs: dict, training: bool) -> Signature:
+    """Calls with equal signatures can share a trace."""
 
     def leaf(v):
         if isinstance(v, torch.Tensor):
@@ -76,29 +85,46 @@ def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
         return ("const", type(v).__name__, repr(v))
 
     flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
-    return (training, str(spec), tuple(leaf(v) for v in flat))
+    return Signature(training, str(spec), tuple(leaf(v) for v in flat))
 
 
 @dataclass
 class Trace:
-    """An exported program and the signature it serves."""
+    """An exported program and the signature it serves.
+
+    Attributes:
+        rewrites: the state paths (under ``peftc``) of the input rewrites traced in
+            through the input boundary; empty when the bare model was traced.
+    """
 
     ep: ExportedProgram
-    key: tuple
+    signature: Signature
     kwarg_order: tuple[str, ...]
-    prefix: str = ""  # what module paths in the graph carry in front of the model's
-    boundary: bool = False  # traced through the input boundary, which takes one dict
+    rewrites: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[Signature, tuple[str, ...]]:
+        """Calls with equal keys (signature and active input rewrites) can share this trace."""
+        return self.signature, self.rewrites
 
     @property
     def training(self) -> bool:
         """Whether this trace is of the model in training mode."""
-        return self.key[0]
+        return self.signature.training
+
+    @property
+    def boundary(self) -> bool:
+        """Traced through the input boundary, which takes the keyword inputs as one dict."""
+        return bool(self.rewrites)
+
+    @property
+    def prefix(self) -> str:
+        """What module paths in the graph carry in front of the model's own."""
+        return MODEL_PREFIX if self.boundary else ""
 
     def module(self) -> torch.fx.GraphModule:
         """A fresh graph module over the model's own parameters (never copies)."""
-        gm = self.ep.module()
-        inline_grad_regions(gm)
-        return gm
+        return self.ep.module()
 
     def order(self, kwargs: dict) -> dict:
         return {k: kwargs[k] for k in self.kwarg_order}
@@ -154,8 +180,7 @@ def _bound(value, infinite: float) -> float:
         return infinite
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple, boundary: nn.Module | None = None,
-          prefix: str = "") -> Trace:
+def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary: Boundary | None = None) -> Trace:
     """Export ``model`` (or ``boundary``, a wrapper around it) on these inputs, batch and sequence dims dynamic.
 
     Raises:
@@ -172,7 +197,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, key: tuple, boundary: nn.
         raise
     except Exception as e:
         raise TraceError(_explain(model, args, kwargs, e)) from e
-    return Trace(ep, key, tuple(kwargs), prefix, boundary is not None)
+    return Trace(ep, sig, tuple(kwargs), boundary.targets if boundary is not None else ())
 
 
 def _dim_spec(v):

@@ -12,21 +12,25 @@ An adapter kind is a small class that says four things about one site:
 
 Two optional hooks serve kinds that work at the model's input boundary
 (prompt tuning) or share one state across sites (prefix tuning):
-``rewrite_inputs`` and ``init_states``.
+``rewrite_inputs`` and ``init_states``. Two more let the trunk ask a kind
+instead of testing its class: ``no_site_hint`` (what to say when a rule finds
+no site) and ``combine`` (``add_weighted_adapter``).
+
+A :class:`Rule` (``adapter.on(selector)``) pairs a spec with a selector.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import RuleError
+from ..match import Selector
 
 if TYPE_CHECKING:
-    from ..match import Selector
-    from ..rules import Rule
     from ..sites import Site
 
 _KINDS: dict[str, type[Adapter]] = {}
@@ -54,8 +58,6 @@ class Adapter:
 
     def on(self, selector: Selector) -> Rule:
         """A rule that puts this adapter on every site ``selector`` picks."""
-        from ..rules import Rule
-
         return Rule(selector, self)
 
     def unsupported(self, site: Site) -> str | None:
@@ -69,10 +71,17 @@ class Adapter:
     def init_state(self, site: Site) -> nn.Module:
         raise NotImplementedError
 
+    def no_site_hint(self) -> str | None:
+        """What to tell the user when a rule with this adapter finds no site (None: the
+        nearest module paths are listed instead)."""
+        return None
+
     def init_states(self, sites: list[Site], model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(state key, state)`` per site; sites may share one state by sharing its key.
 
-        The default gives each site its own :meth:`init_state`, keyed by its weight path.
+        The default gives each site its own :meth:`init_state`, keyed by
+        :attr:`Site.key <peftc.sites.Site.key>` (the module path, or the weight
+        path when the weight isn't called ``weight``).
         """
         return [(s.key, self.init_state(s)) for s in sites]
 
@@ -120,6 +129,55 @@ class Adapter:
     def config(self) -> dict[str, Any]:
         """The spec as plain data: ``{"kind": ..., **arguments}``."""
         raise NotImplementedError
+
+    def combine(self, sources: list, weights: dict[str, float], how: str,
+                rank: int | None) -> tuple[Adapter, dict[str, dict[str, torch.Tensor]]]:
+        """A new adapter combining others of this kind (``add_weighted_adapter``).
+
+        Arguments:
+            sources: the placements of the adapters to combine, in the order named.
+            weights: adapter name -> its weight.
+            how: the combination type; rank: the requested rank, if any.
+
+        Returns:
+            ``(spec, {weight path: {state parameter name: value}})``: the new
+            adapter's spec, and the values to load into its state at each site.
+        """
+        raise RuleError(f"add_weighted_adapter can't combine {type(self).__name__} adapters")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Put ``adapter`` on every site that ``selector`` picks."""
+
+    selector: Selector
+    adapter: Adapter
+
+    def __post_init__(self):
+        if not isinstance(self.selector, Selector):
+            raise RuleError(f"Rule selector must be a peftc selector, got {self.selector!r}")
+        if not isinstance(self.adapter, Adapter):
+            raise RuleError(f"Rule adapter must be a peftc adapter, got {self.adapter!r}")
+
+    def __str__(self):
+        return f"{self.adapter!r}.on({self.selector.describe()})"
+
+
+def check_virtual_tokens(n) -> None:
+    """Prompt and prefix tuning: a positive number of virtual tokens."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise RuleError(f"num_virtual_tokens={n!r} must be a positive integer")
+
+
+def check_positions(model: nn.Module, n: int, kind: str) -> None:
+    """Prompt and prefix tuning: ``n`` virtual tokens leave room for real ones."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and n >= limit:
+        raise RuleError(
+            f"{kind}(num_virtual_tokens={n}) leaves no room for real tokens: the model has "
+            f"{limit} positions. Use fewer virtual tokens"
+        )
 
 
 def widen(t: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .base import Adapter, widen
 aten = torch.ops.aten
 
 _INITS = (True, False, "gaussian")
+_COMBINATIONS = ("linear", "cat", "svd")
 
 
 class LoRAState(nn.Module):
@@ -137,6 +138,60 @@ class LoRA(Adapter):
 
     def __repr__(self):
         return f"LoRA(r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
+
+    def combine(self, sources, weights, how, rank):
+        """PEFT's weighted combinations: ``"linear"`` (equal ranks: A and B are weighted
+        sums, the weight's square root on each side, its sign on A), ``"cat"`` (ranks
+        concatenated: the exact weighted sum of deltas) or ``"svd"`` (the weighted sum of
+        the deltas truncated to ``rank``, default the largest rank). The new adapter has
+        ``alpha = r`` (scaling 1), as in PEFT."""
+        if how not in _COMBINATIONS:
+            raise RuleError(f"combination_type={how!r}; use one of {_COMBINATIONS}")
+        if any(not isinstance(p.state, LoRAState) for p in sources):
+            raise RuleError("add_weighted_adapter combines LoRA adapters only")
+        ranks = {p.state.r for p in sources}
+        if how == "linear" and len(ranks) != 1:
+            raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
+        by_adapter: dict[str, int] = {}
+        for p in sources:
+            by_adapter[p.adapter_name] = max(by_adapter.get(p.adapter_name, 0), p.state.r)
+        new_rank = {"linear": max(ranks), "cat": sum(by_adapter.values()), "svd": rank or max(ranks)}[how]
+        by_site: dict[str, list] = {}
+        for p in sources:
+            by_site.setdefault(p.site.weight_path, []).append(p)
+        values = {}
+        for key, group in by_site.items():
+            a, b = _combine(how, group, weights, new_rank)
+            values[key] = {"lora_A": a, "lora_B": b}
+        return LoRA(r=new_rank, alpha=new_rank), values
+
+
+def _combine(how: str, group, weights: dict[str, float], new_rank: int):
+    """The new (A, B) at one site from the source placements there (in the order named)."""
+    first = group[0].state
+    a = torch.zeros(new_rank, first.lora_A.shape[1], dtype=first.lora_A.dtype, device=first.lora_A.device)
+    b = torch.zeros(first.lora_B.shape[0], new_rank, dtype=first.lora_B.dtype, device=first.lora_B.device)
+    if how == "linear":
+        for p in group:
+            ws = weights[p.adapter_name] * float(p.state.scaling)
+            a += math.copysign(math.sqrt(abs(ws)), ws) * p.state.lora_A
+            b += math.sqrt(abs(ws)) * p.state.lora_B
+    elif how == "cat":
+        parts_a = [weights[p.adapter_name] * float(p.state.scaling) * p.state.lora_A for p in group]
+        parts_b = [p.state.lora_B for p in group]
+        cat_a, cat_b = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+        a[: cat_a.shape[0]] = cat_a
+        b[:, : cat_b.shape[1]] = cat_b
+    else:
+        delta = sum(weights[p.adapter_name] * float(p.state.scaling) * (p.state.lora_B @ p.state.lora_A)
+                    for p in group)
+        u, s, vh = torch.linalg.svd(delta.float())
+        b = (u[:, :new_rank] @ torch.diag(s[:new_rank])).to(b.dtype)
+        a = vh[:new_rank].to(a.dtype)
+        if b.shape[1] < new_rank:  # the delta's rank is below new_rank: pad with zeros
+            b = torch.cat([b, b.new_zeros(b.shape[0], new_rank - b.shape[1])], 1)
+            a = torch.cat([a, a.new_zeros(new_rank - a.shape[0], a.shape[1])], 0)
+    return a, b
 
 
 def _pattern_value(patterns: dict, path: str, default):

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from .base import Adapter
-from .prompt import check_positions, check_virtual_tokens
+from ..match import attention
+from ..sites import ATTENTION
+from .base import Adapter, check_positions, check_virtual_tokens
 
 aten = torch.ops.aten
 
@@ -31,8 +32,12 @@ aten = torch.ops.aten
 class PrefixState(nn.Module):
     """The prefix table, and PEFT's optional reparameterisation MLP."""
 
-    def __init__(self, n: int, width: int, token_dim: int, projection: int | None, device):
+    def __init__(self, shape: tuple[int, int, int, int], token_dim: int, projection: int | None, device):
         super().__init__()
+        n, layers2, kv_heads, head_dim = shape
+        width = layers2 * kv_heads * head_dim
+        #: ``(n, 2 * layers, kv_heads, head_dim)``: the table's view per key/value and layer.
+        self.shape = shape
         rows = token_dim if projection else width
         self.embedding = nn.Parameter(torch.empty(n, rows, device=device))
         nn.init.normal_(self.embedding)
@@ -68,12 +73,14 @@ class Prefix(Adapter):
         self.num_virtual_tokens, self.projection = num_virtual_tokens, projection
 
     def default_selector(self):
-        from ..match import attention
-
         return attention()
 
+    def no_site_hint(self):
+        return ("the model has no scaled_dot_product_attention op peftc can see. "
+                "For attention, load the model with attn_implementation='sdpa'")
+
     def unsupported(self, site):
-        if site.kind != "attention":
+        if site.kind != ATTENTION:
             return "Prefix goes on attention ops (peftc.attention())"
         if site.layer is None:
             return f"Prefix needs a layer index in the attention module's path, and {site.path} has none"
@@ -92,9 +99,8 @@ class Prefix(Adapter):
         head_dim = head_dims.pop()
         kv_heads = getattr(config, "num_key_value_heads", None) or heads.pop()
         token_dim = getattr(config, "hidden_size", None) or kv_heads * head_dim
-        width = len(layers) * 2 * kv_heads * head_dim
-        state = PrefixState(self.num_virtual_tokens, width, token_dim, self.projection, sites[0].device)
-        state.shape = (self.num_virtual_tokens, 2 * len(layers), kv_heads, head_dim)
+        shape = (self.num_virtual_tokens, 2 * len(layers), kv_heads, head_dim)
+        state = PrefixState(shape, token_dim, self.projection, sites[0].device)
         return [("prefix", state) for _ in sites]
 
     def rewrite_inputs(self, model, state, kwargs):

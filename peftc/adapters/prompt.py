@@ -25,24 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from .base import Adapter
+from ..match import input_embeddings
+from .base import Adapter, check_positions, check_virtual_tokens
 
 _INITS = ("random", "text", "vocab")
-
-
-def check_virtual_tokens(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise RuleError(f"num_virtual_tokens={n!r} must be a positive integer")
-
-
-def check_positions(model: nn.Module, n: int, kind: str) -> None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and n >= limit:
-        raise RuleError(
-            f"{kind}(num_virtual_tokens={n}) leaves no room for real tokens: the model has "
-            f"{limit} positions. Use fewer virtual tokens"
-        )
 
 
 class PromptState(nn.Module):
@@ -76,9 +62,10 @@ class Prompt(Adapter):
         self.num_virtual_tokens, self.init, self.text, self.tokenizer = num_virtual_tokens, init, text, tokenizer
 
     def default_selector(self):
-        from ..match import input_embeddings
-
         return input_embeddings()
+
+    def no_site_hint(self):
+        return "the model has no input-embedding op peftc can see (model.get_input_embeddings())"
 
     def unsupported(self, site):
         if not site.input_embedding:

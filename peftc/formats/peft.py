@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,108 +18,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters.lora import LoRA
-from ..adapters.prefix import Prefix
-from ..adapters.prompt import Prompt
 from ..errors import PeftcError
+from ..peft_config import adapter_config, is_prompt_learning
 
 CONFIG_NAME = "adapter_config.json"
-NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PEFT_KEY_PREFIX = "base_model.model."  # what PEFT's tensor keys carry in front of module paths
 
 
 def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
     """Every tensor adapter ``name`` would save, under PEFT's keys."""
     out = {}
-    prompt_learning = False
-    for p in cm.sites:
-        if p.adapter_name != name:
-            continue
-        prompt_learning |= isinstance(p.adapter, (Prompt, Prefix))
-        out.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.key}."))
+    placements = [p for p in cm.sites if p.adapter_name == name]
+    for p in placements:
+        out.update(p.adapter.saved_state(p.site, p.state, f"{PEFT_KEY_PREFIX}{p.key}."))
     # PEFT keys a prompt-learning adapter's modules_to_save copies one level up.
-    copies = "base_model." if prompt_learning else PREFIX
-    for path, clone in cm._saved.get(name, {}).items():
+    copies = "base_model." if is_prompt_learning(placements) else PEFT_KEY_PREFIX
+    for path, clone in cm.saved_modules(name).items():
         for pname, tensor in clone.named_parameters():
             out[f"{copies}{path}.{pname}"] = tensor
-    return out
-
-
-def adapter_config(cm, name: str) -> dict:
-    """The config dict for adapter ``name``: PEFT's for LoRA, prompt or prefix tuning,
-    peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
-    placements = [p for p in cm.sites if p.adapter_name == name]
-    kinds = {type(p.adapter) for p in placements}
-    if kinds == {Prompt} or kinds == {Prefix}:
-        return _prompt_learning_config(cm, name, kinds.pop())
-    if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
-        return lora_config(cm, name)
-    return native_config(cm, name)
-
-
-def native_config(cm, name: str) -> dict:
-    """peftc's config: every site with its adapter's arguments (``Adapter.config()``).
-
-    Tensors use the same keys as PEFT's format (``base_model.model.<key>.<state>``).
-    Sites found by a pattern can't be found again from a name alone: loading
-    such an adapter needs its rules (``from_pretrained(..., rules=...)``).
-    """
-    options = cm._options.get(name, {})
-    return {
-        "peft_type": NATIVE,
-        "format_version": 1,
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "bias": options.get("bias", "none"),
-        "modules_to_save": options.get("modules_to_save") or None,
-        "sites": [{"weight_path": p.site.weight_path, "kind": p.site.kind, "op": p.site.op,
-                   "adapter": p.adapter.config()} for p in cm.sites if p.adapter_name == name],
-    }
-
-
-def native_rules(config: dict) -> dict:
-    """Rules rebuilding a native config's adapter on the same sites (by weight path)."""
-    from ..adapters.base import adapter_from_config
-    from ..match import where
-    from ..rules import Rule, RuleSet
-
-    if any(site["kind"] == "pattern" for site in config["sites"]):
-        raise PeftcError("this adapter sits on pattern-matched sites; pass the rules it was built "
-                         "with: from_pretrained(model, dir, rules=[...])")
-    groups: dict[str, list[str]] = {}
-    for site in config["sites"]:
-        groups.setdefault(json.dumps(site["adapter"], sort_keys=True), []).append(site["weight_path"])
-    rules = []
-    for spec, paths in groups.items():
-        try:
-            adapter = adapter_from_config(json.loads(spec))
-        except PeftcError as e:
-            raise PeftcError(f"{e}. A custom kind must be imported before loading an adapter that uses it") from e
-        wanted = frozenset(paths)
-        rules.append(Rule(where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})"), adapter))
-    return RuleSet(rules, config.get("modules_to_save") or [], config.get("bias", "none"), config.get("task_type"))
-
-
-def _prompt_learning_config(cm, name: str, kind: type) -> dict:
-    placement = next(p for p in cm.sites if p.adapter_name == name)
-    spec, config = placement.adapter, getattr(cm.base_model, "config", None)
-    out = {
-        "peft_type": "PROMPT_TUNING" if kind is Prompt else "PREFIX_TUNING",
-        "task_type": cm._options.get(name, {}).get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "inference_mode": True,
-        "num_virtual_tokens": spec.num_virtual_tokens,
-        "num_transformer_submodules": 1,
-        "modules_to_save": cm._options.get(name, {}).get("modules_to_save") or None,
-    }
-    if kind is Prompt:
-        out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
-                   prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
-                   token_dim=placement.state.embedding.shape[1])
-    else:
-        n, rows, kv_heads, head_dim = placement.state.shape
-        out.update(prefix_projection=False, encoder_hidden_size=spec.projection or kv_heads * head_dim,
-                   num_layers=rows // 2, token_dim=kv_heads * head_dim, num_attention_heads=kv_heads)
     return out
 
 
@@ -184,60 +98,6 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
             target.copy_(found[key])
 
 
-def lora_config(cm, name: str) -> dict:
-    """A PEFT ``LoraConfig`` dict that rebuilds adapter ``name`` on the same sites."""
-    placements = [p for p in cm.sites if p.adapter_name == name]
-    ranks = Counter(p.state.r for p in placements)
-    r = ranks.most_common(1)[0][0] if ranks else 8
-    use_rslora = {p.adapter.use_rslora for p in placements} == {True}
-    alphas = {p.key: _alpha(p, use_rslora) for p in placements}
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
-    dropouts = {p.adapter.dropout for p in placements}
-    if len(dropouts) > 1:
-        warnings.warn(f"adapter {name!r} has several dropouts {sorted(dropouts)}; PEFT keeps one: "
-                      f"{max(dropouts)}", stacklevel=3)
-    options = cm._options.get(name, {})
-    return {
-        "peft_type": "LORA",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": max(dropouts, default=0.0),
-        "target_modules": sorted(alphas),
-        "rank_pattern": {re.escape(k): p.state.r for p in placements
-                         if p.state.r != r and (k := p.key)},
-        "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
-        "use_rslora": use_rslora,
-        "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),
-        "init_lora_weights": True,
-        "bias": options.get("bias", "none"),
-        "modules_to_save": options.get("modules_to_save") or None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "use_dora": False,
-        "lora_bias": False,
-    }
-
-
-def _alpha(p, use_rslora: bool) -> float:
-    scaling = float(p.state.scaling)
-    alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
-    return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
-
-
-def _task_type(model) -> str | None:
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(suffix):
-            return task
-    return None
-
-
 def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None) -> list[Path]:
     """Write each adapter in PEFT's format; return the folders written.
 
@@ -245,11 +105,11 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
     never leaves a half-written checkpoint behind.
     """
     root = Path(directory)
-    names = adapters or list(cm.peftc.adapters.keys())
+    names = adapters or cm.adapters
     folders = []
     for name in names:
-        if name not in cm.peftc.adapters:
-            raise PeftcError(f"no adapter named {name!r}; adapters: {list(cm.peftc.adapters.keys())}")
+        if name not in cm.adapters:
+            raise PeftcError(f"no adapter named {name!r}; adapters: {cm.adapters}")
         folder = root if name == "default" else root / name
         folder.mkdir(parents=True, exist_ok=True)
         config = adapter_config(cm, name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..sites import find_sites
+from .builder import META_BIAS
 
 
 def attach_biases(gm: fx.GraphModule, model: nn.Module, created: list[str], prefix: str = "") -> int:
@@ -32,7 +33,7 @@ def attach_biases(gm: fx.GraphModule, model: nn.Module, created: list[str], pref
             node = nodes[node_name]
             with gm.graph.inserting_before(node):
                 bias = gm.graph.get_attr(prefix + bias_path)
-            bias.meta["peftc_bias"] = True
+            bias.meta[META_BIAS] = True
             node.args = (*node.args[:2], bias)
             count += 1
     gm.recompile()
@@ -43,7 +44,7 @@ def detach_biases(gm: fx.GraphModule) -> int:
     """Remove the biases :func:`attach_biases` wired in."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.meta.get("peftc_bias"):
+        if node.meta.get(META_BIAS):
             for user in list(node.users):
                 user.args = user.args[:2]
             module_path, _, name = node.target.rpartition(".")

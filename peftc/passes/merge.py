@@ -1,13 +1,21 @@
-"""Fold adapter deltas into the model's weights, or take them back out.
+"""The weight side of merging: fold adapter deltas into the model's weights, and take them out.
+
+:func:`fold` checks every delta first, then creates the biases merging needs
+(BitFit on a bias-less linear), adds the deltas, and copies trained
+``modules_to_save`` values over the originals; it returns a :class:`Folded`
+record, the one fact of what was merged and how to undo it. :func:`unfold`
+and :func:`refold` take it out and put it back (``disable_adapter`` while merged).
 
 Deltas are computed and applied in float32 (float64 stays float64), whatever the
 weights' dtype, then rounded once. The graph side of merging is
-:func:`~peftc.passes.insert.strip_adapters`.
+:func:`~peftc.passes.insert.strip_adapters` and :mod:`peftc.passes.bias`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +23,86 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import widen
 from ..errors import MergeError
-from .insert import Placement
+
+if TYPE_CHECKING:
+    from ..state import Placement
+
+
+@dataclass
+class Folded:
+    """What :func:`fold` merged, and what undoing it needs.
+
+    Attributes:
+        names: the merged adapters.
+        placements: their placements, whose deltas are in the weights.
+        copies: the merged ``modules_to_save`` copies, by module path.
+        stash: the original values of the parameters the copies overwrote.
+        created_biases: biases created on bias-less linears (removed on unmerge).
+    """
+
+    names: list[str]
+    placements: list[Placement]
+    copies: dict[str, nn.Module]
+    stash: dict[str, torch.Tensor]
+    created_biases: list[str]
+
+
+def fold(model: nn.Module, placements: list[Placement], saved: dict[str, dict[str, nn.Module]],
+         safe: bool = False, progress: bool | None = None) -> Folded:
+    """Merge ``placements`` and the ``saved`` copies (adapter name -> path -> copy) into ``model``.
+
+    Raises:
+        MergeError: a kind that can't merge, two adapters with a copy of one module, a
+            delta that doesn't fit, or (``safe``) non-finite values. Nothing is changed then.
+    """
+    mergeable_or_raise(placements)
+    copies: dict[str, nn.Module] = {}
+    for paths in saved.values():
+        for path, clone in paths.items():
+            if path in copies:
+                raise MergeError(f"active adapters both train a copy of {path}; merge one at a time")
+            copies[path] = clone
+    missing = missing_biases(model, placements, safe)
+    if safe:
+        for path, clone in copies.items():
+            _check_module_finite(path, clone)
+    created = create_biases(model, missing)
+    apply_deltas(model, placements, +1, progress)
+    return Folded(list(saved), list(placements), copies, _copy_in(model, copies), created)
+
+
+def unfold(model: nn.Module, folded: Folded, progress: bool | None = None) -> None:
+    """Subtract the merged deltas and restore the stashed originals: the weights only
+    (created biases stay; :func:`remove_biases` takes them away)."""
+    apply_deltas(model, folded.placements, -1, progress)
+    with torch.no_grad():
+        for path, value in folded.stash.items():
+            model.get_parameter(path).copy_(value)
+    folded.stash.clear()
+
+
+def refold(model: nn.Module, folded: Folded) -> None:
+    """Re-apply what :func:`unfold` took out (same adapters, same biases)."""
+    apply_deltas(model, folded.placements, +1, False)
+    folded.stash.update(_copy_in(model, folded.copies))
+
+
+@torch.no_grad()
+def _copy_in(model: nn.Module, copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Copy each trained copy over its original; return the originals' values."""
+    stash = {}
+    for path, clone in copies.items():
+        for pname, p in clone.named_parameters():
+            original = model.get_parameter(f"{path}.{pname}")
+            stash[f"{path}.{pname}"] = original.detach().clone()
+            original.copy_(p)
+    return stash
+
+
+def _check_module_finite(path: str, module: nn.Module) -> None:
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise MergeError(f"modules_to_save copy {path}.{name} holds NaN/inf; no weight was changed")
 
 
 class _Widened(Mapping):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .insert import STATE_ROOT
+from .builder import META_ADAPTER, META_REPLACES, STATE_ROOT
 
 aten = torch.ops.aten
 
@@ -36,7 +36,7 @@ def swap_params(gm: fx.GraphModule, copies: dict[str, nn.Module], name: str, mod
     """
     moved = 0
     for node in list(gm.graph.nodes):
-        if node.op != "get_attr" or "peftc" in node.meta:
+        if node.op != "get_attr" or META_ADAPTER in node.meta:
             continue
         for path in copies:
             if not node.target.startswith(model_prefix + path + "."):
@@ -50,8 +50,8 @@ def swap_params(gm: fx.GraphModule, copies: dict[str, nn.Module], name: str, mod
             with gm.graph.inserting_after(gate):
                 chosen = gm.graph.call_function(aten.where.self, (gate, copy, current))
             for made in (copy, gate, chosen):
-                made.meta["peftc"] = name
-            chosen.meta["peftc_replaces"] = current
+                made.meta[META_ADAPTER] = name
+            chosen.meta[META_REPLACES] = current
             current.replace_all_uses_with(chosen, delete_user_cb=lambda user, c=chosen: user is not c)
             moved += 1
             break
@@ -62,6 +62,6 @@ def swap_params(gm: fx.GraphModule, copies: dict[str, nn.Module], name: str, mod
 def _latest(node: fx.Node) -> fx.Node:
     """The newest node standing for ``node``'s value (a copy selected by an earlier adapter)."""
     for user in node.users:
-        if user.meta.get("peftc_replaces") is node:
+        if user.meta.get(META_REPLACES) is node:
             return _latest(user)
     return node

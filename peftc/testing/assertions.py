@@ -169,7 +169,7 @@ class _Run:
     """A compiled copy of the model with perturbed adapters, and the calls the checks make."""
 
     def __init__(self, model, rules, inputs, copy_model, perturb, seed, backend, compile_kwargs):
-        from ..compile import compile as peftc_compile
+        from ..api import compile as peftc_compile
 
         self.model = _copy(model) if copy_model else model
         self.model.eval()

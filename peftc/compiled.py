@@ -1,0 +1,368 @@
+"""The object users hold: :class:`CompiledModel`, the user's model with adapters in its graph.
+
+It is composed of three parts, each in its own file:
+
+- :class:`~peftc.state.AdapterState` (``cm.state``): every adapter's state
+  (the ``peftc`` module tree), placements, which adapters are active and train;
+- :class:`~peftc.program.Programs` (``cm.programs``): one adapted, lowered
+  graph per input signature, built lazily and rebuilt by one function;
+- a :class:`~peftc.passes.merge.Folded` record while merged: what was folded
+  into the weights and how to take it out.
+
+This file holds the public API over them: the forward, the adapter lifecycle
+(add, set, delete, disable, mix per row, combine), merge and unmerge, and the
+save/export facades.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import fx, nn
+
+from .boundary import as_keywords
+from .errors import MergeError, RuleError
+from .formats import export as export_format
+from .formats import peft as peft_format
+from .passes.merge import Folded, fold, refold, remove_biases, unfold
+from .program import Program, Programs
+from .rules import match_rules
+from .state import BASE, AdapterState, Placement, train_biases
+from .trace import Trace, call_inputs, signature, trace, with_defaults
+
+
+class CompiledModel(nn.Module):
+    """The user's model with adapters inserted into its traced graph.
+
+    Call it as the model (``cm(input_ids=..., labels=...)``); it returns what
+    the model returns. :func:`peftc.compile` builds one.
+
+    Attributes:
+        base_model: the user's model; its parameters are the graph's, never copied.
+        peftc: every adapter's state: ``peftc.adapters.<name>.<key>.<param>``,
+            ``peftc.saved.<name>.<module path>.<param>`` (``modules_to_save`` copies)
+            and ``peftc.gates.<name>`` (whether the adapter is active).
+        state: the adapter registry (:class:`~peftc.state.AdapterState`).
+        programs: the graphs built so far (:class:`~peftc.program.Programs`); ``len``
+            counts them.
+    """
+
+    def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
+                 adapter_name: str = "default", modules_to_save: list[str] | None = None,
+                 trainable: bool = True):
+        super().__init__()
+        args, kwargs = call_inputs(model, example_inputs)
+        kwargs = with_defaults(model, kwargs)
+        first = trace(model, args, kwargs, signature(args, kwargs, model.training))
+        self.training = model.training
+        self.base_model = model
+        self.state = AdapterState(model)
+        self.peftc = self.state.root
+        self.programs = Programs(model, self.state, backend, first)
+        self._folded: Folded | None = None
+        self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
+        self.set_adapter(adapter_name)
+        self.state.update_trainability()
+
+    # -- calling ----------------------------------------------------------------
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward, adapted.
+
+        Arguments:
+            adapter_names: one adapter name per batch row (``"__base__"`` for
+                none) to run a mixed batch; see :meth:`mixed_batch`.
+        """
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return self.forward(*args, **kwargs)
+        program, args, kwargs = self._select(args, kwargs)
+        call_args, call_kwargs = program.trace.call_args(args, kwargs)
+        return program.fn(*call_args, **call_kwargs)
+
+    def _select(self, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict]:
+        rewrites = self.state.rewrites(self.state.active_names)
+        kwargs = with_defaults(self.base_model, kwargs)
+        if rewrites:  # the input boundary takes keywords only
+            args, kwargs = (), as_keywords(self.base_model, args, kwargs)
+        return self.programs.select(args, kwargs, rewrites, self._folded), args, kwargs
+
+    def program_for(self, *args, **kwargs) -> Program:
+        """The program (``trace``, ``gm``, ``fn``) a call with these inputs runs, built if needed."""
+        return self._select(args, kwargs)[0]
+
+    def graph_module(self, *args, **kwargs) -> fx.GraphModule:
+        """The adapted graph that a call with these inputs runs (tracing it if needed)."""
+        return self.program_for(*args, **kwargs).gm
+
+    def traces(self) -> list[Trace]:
+        """Every trace the model holds (see :meth:`Programs.traces <peftc.program.Programs.traces>`)."""
+        return self.programs.traces()
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting replaces buffers the graphs captured: trace again on the next call.
+        self.programs.clear()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.state.update_trainability()
+        return self
+
+    # -- inspecting -------------------------------------------------------------
+
+    @property
+    def sites(self) -> list[Placement]:
+        """Every matched site: ``path``, ``op``, ``nodes``, ``site`` shapes, ``adapter``,
+        ``adapter_name``, ``num_params``."""
+        return self.state.placements
+
+    @property
+    def adapters(self) -> list[str]:
+        """Every adapter's name, active or not."""
+        return self.state.names
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters (empty inside :meth:`disable_adapter`)."""
+        return self.state.active_names
+
+    @property
+    def merged(self) -> bool:
+        return self._folded is not None
+
+    @property
+    def created_biases(self) -> list[str]:
+        """Paths of the biases ``merge`` created on bias-less linears (empty unless merged)."""
+        return list(self._folded.created_biases) if self._folded is not None else []
+
+    def saved_modules(self, name: str) -> dict[str, nn.Module]:
+        """Adapter ``name``'s ``modules_to_save`` copies, by module path."""
+        self.state.check_names([name])
+        return self.state.saved(name)
+
+    def adapter_options(self, name: str) -> dict:
+        """Adapter ``name``'s options: ``bias``, ``modules_to_save``, ``task_type``."""
+        self.state.check_names([name])
+        return dict(self.state.records[name].options)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- the adapter lifecycle --------------------------------------------------
+
+    def add_adapter(self, name: str, rules, modules_to_save: list[str] | None = None) -> None:
+        """Add adapter ``name`` from ``rules`` (any form :func:`peftc.load_rules` takes), inactive.
+
+        Call :meth:`set_adapter` to use it. Graphs already built gain its
+        (gated-off) nodes, which compiles them again once.
+        """
+        self._add(name, rules, modules_to_save)
+        self.programs.rebuild(self._folded)
+
+    def _add(self, name: str, rules, modules_to_save, trainable: bool = True, freeze_base: bool = False) -> None:
+        """Match ``rules`` and register the adapter; raises before changing anything."""
+        matched, selectors, saved, options = match_rules(self.base_model, rules, self.programs.catalog(),
+                                                         modules_to_save)
+        self.state.register(name, matched, selectors, saved, options, trainable)
+        if freeze_base:
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
+        train_biases(self.base_model, options["bias"], {s.path for s, _ in matched}, saved)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` the active adapters; only they train. No retrace, no recompile.
+
+        In eval mode the ``requires_grad`` flags follow at the next ``train()``:
+        compiled graphs guard on them, and switching adapters while serving must
+        not recompile."""
+        names = [names] if isinstance(names, str) else list(names)
+        self.state.check_names(names)
+        if self.merged:
+            raise MergeError(f"adapters {self._folded.names} are merged; unmerge() before switching adapters")
+        self.state.active = names
+        self._write_gates()
+
+    def delete_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` and its state. Deleting the active adapter activates the
+        first remaining one (as PEFT does), with a warning."""
+        self.state.check_names([name])
+        if self.merged and name in self._folded.names:
+            raise MergeError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it")
+        mine = f"adapters.{name}."  # programs traced through its input rewrites read its state
+        self.programs.drop(lambda p: any(t.startswith(mine) for t in p.trace.rewrites))
+        was_active = name in self.state.active
+        self.state.delete(name)
+        if was_active and not self.state.active and self.adapters:
+            self.state.active = [self.adapters[0]]
+            warnings.warn(f"deleted the active adapter {name!r}; {self.adapters[0]!r} is active now", stacklevel=2)
+        self._write_gates()
+        self.programs.rebuild(self._folded)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model inside the block; the previous state comes back on exit.
+
+        Unmerged, this turns every gate off. Merged, it takes the deltas out of
+        the weights (the graph is the base graph already) and puts them back after.
+        """
+        if self.state.disabled:
+            yield
+            return
+        self.state.disabled = True
+        if self._folded is not None:
+            unfold(self.base_model, self._folded)
+        self._write_gates()
+        try:
+            yield
+        finally:
+            self.state.disabled = False
+            if self._folded is not None:
+                refold(self.base_model, self._folded)
+            self._write_gates()
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str], batch_size: int):
+        """Inside the block, row ``i`` of each batch runs adapter ``adapter_names[i]``
+        (``"__base__"``: none). ``cm(..., adapter_names=[...])`` uses this."""
+        names = list(adapter_names)
+        used = set(names) - {BASE}
+        self.state.check_names(sorted(used))
+        if len(names) != batch_size:
+            raise RuleError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows")
+        if self.merged:
+            raise MergeError("adapter_names can't pick adapters per row while they are merged; unmerge() first")
+        whole_batch = any(p.adapter.rewrites_inputs or not p.adapter.gated
+                          for p in self.state.placements if p.adapter_name in used)
+        if whole_batch or any(self.state.saved(n) for n in used):
+            raise RuleError("adapter_names works with adapters that act per row (LoRA, BitFit, custom kinds); "
+                            "prompt, prefix and modules_to_save adapters change the whole batch")
+        gates = self.state.root.gates
+        rows = {name: torch.tensor([n == name for n in names], device=getattr(gates, name).device)
+                for name in self.adapters}
+        self.state.write_gates(True, rows)
+        try:
+            yield
+        finally:
+            self._write_gates()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new adapter combining others of one kind, added inactive; the kind decides how
+        (:meth:`peftc.Adapter.combine`). For LoRA, PEFT's semantics:
+
+        Arguments:
+            combination_type: ``"linear"`` (same ranks: A and B are weighted sums,
+                the weight's square root on each side, its sign on A), ``"cat"``
+                (ranks concatenated: exact sum of the weighted deltas) or
+                ``"svd"`` (the weighted sum of the deltas, truncated to
+                ``svd_rank``, default the largest rank). A negative weight negates.
+            adapter_name: the new adapter's name; it gets ``alpha = r`` (scaling 1) as in PEFT.
+        """
+        self.state.check_names(adapters)
+        if len(weights) != len(adapters):
+            raise RuleError(f"{len(adapters)} adapters but {len(weights)} weights")
+        order = {name: i for i, name in enumerate(adapters)}
+        sources = sorted((p for p in self.state.placements if p.adapter_name in order),
+                         key=lambda p: order[p.adapter_name])
+        kinds = sorted({type(p.adapter).__name__ for p in sources})
+        if len(kinds) != 1:
+            raise RuleError(f"add_weighted_adapter combines adapters of one kind; got {kinds}")
+        spec, values = sources[0].adapter.combine(sources, dict(zip(adapters, weights, strict=True)),
+                                                  combination_type, svd_rank)
+        sites = {p.site.weight_path: p.site for p in sources}
+        self.state.register(adapter_name, [(sites[key], spec) for key in values], [], [],
+                            {"bias": "none", "modules_to_save": []})
+        new = {p.site.weight_path: p.state for p in self.state.placements if p.adapter_name == adapter_name}
+        with torch.no_grad():
+            for key, tensors in values.items():
+                for pname, value in tensors.items():
+                    new[key].get_parameter(pname).copy_(value)
+        self.programs.rebuild(self._folded)
+
+    def _write_gates(self) -> None:
+        """Gates follow the active adapters (all off while merged: the weights hold them)."""
+        self.state.write_gates(not self.merged)
+        if self.training:
+            self.state.update_trainability()
+
+    # -- merging ----------------------------------------------------------------
+
+    def merge(self, safe: bool = False, progress: bool | None = None) -> None:
+        """Fold the active adapters into the weights and delete every adapter node.
+
+        Arguments:
+            safe: first check that no merged weight would be NaN or infinite;
+                on failure raise :class:`~peftc.MergeError` with every weight untouched.
+            progress: show a progress bar (default: only for 64 sites or more).
+
+        Raises:
+            MergeError: an active adapter can't merge (prompt, prefix), two
+                active adapters save the same module, or (``safe``) non-finite
+                values. Nothing is merged then.
+        """
+        if self.merged:
+            warnings.warn("adapters are already merged; nothing to do", stacklevel=2)
+            return
+        names = self.state.active_names
+        placements = [p for p in self.state.placements if p.adapter_name in names]
+        self._folded = fold(self.base_model, placements, {n: self.state.saved(n) for n in names}, safe, progress)
+        self._write_gates()
+        self.programs.rebuild(self._folded)
+
+    def unmerge(self, progress: bool | None = None) -> None:
+        """Take merged adapters back out of the weights and re-insert every adapter's nodes."""
+        if not self.merged:
+            warnings.warn("adapters are not merged; nothing to do", stacklevel=2)
+            return
+        folded = self._folded
+        unfold(self.base_model, folded, progress)
+        self._folded = None
+        if folded.created_biases:  # graphs traced while merged read biases about to go
+            self.programs.drop(lambda p: p.traced_merged)
+        self.programs.rebuild(None)
+        remove_biases(self.base_model, folded.created_biases)
+        self._write_gates()
+
+    def merge_and_unload(self, safe: bool = False, progress: bool | None = None) -> nn.Module:
+        """Merge, then return the user's own model object, now holding the merged weights."""
+        self.merge(safe=safe, progress=progress)
+        return self.base_model
+
+    # -- saving and exporting ---------------------------------------------------
+
+    def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
+        """Write adapters in PEFT's format (``adapter_config.json`` + safetensors).
+
+        ``default`` goes in ``directory``; other adapters in subfolders named after them.
+        """
+        peft_format.save_pretrained(self, directory, adapters)
+
+    def export(self, path, format: str = "pt2", example_inputs=None, **options):
+        """Export the merged model for deployment: ``"pt2"``, ``"onnx"`` or ``"hf"``.
+
+        Returns the path written; ``options``: ``verify``, ``atol``, ``rtol``.
+        See :func:`peftc.formats.export.export` for what each format holds.
+        """
+        return export_format.export(self, path, format, example_inputs, **options)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise RuleError("adapter_names needs a batched tensor input to count rows against")

@@ -1,0 +1,349 @@
+"""PEFT's adapter configs <-> peftc rules, in both directions.
+
+Reading (:func:`to_rules`): a ``LoraConfig``, ``PromptTuningConfig`` or
+``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
+semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
+per-model defaults), ``exclude_modules``, ``layers_to_transform``,
+``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
+(``peft_type: "PEFTC"``), which holds any adapter kind site by site.
+
+Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
+model's adapter: PEFT's own for LoRA, prompt or prefix tuning, the native one
+for anything PEFT can't hold.
+
+This is the one room of the house besides each kind's own file that knows
+particular adapter kinds: it translates PEFT's vocabulary into theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from typing import NamedTuple
+
+from torch import nn
+
+from .adapters.base import Rule, adapter_from_config
+from .adapters.lora import LoRA
+from .adapters.prefix import Prefix
+from .adapters.prompt import Prompt
+from .errors import RuleError
+from .match import Selector, where
+from .sites import Site, layer_index
+
+NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
+
+
+class Translated(NamedTuple):
+    """What a config says: rules, and the module-level options (a RuleSet's fields)."""
+
+    rules: list[Rule]
+    modules_to_save: list[str]
+    bias: str
+    task_type: str | None
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+# PEFT's defaults when a LoraConfig names no target_modules (facts from its model table).
+_DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "opt": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS, when the model has them
+_IGNORED_WHEN_DEFAULT = {
+    "use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
+    "layer_replication": None, "megatron_config": None, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "alora_invocation_tokens": None, "arrow_config": None,
+}
+
+
+def to_rules(config: dict, model: nn.Module | None) -> Translated:
+    """The rules and options of a PEFT config dict (or of peftc's native config).
+
+    Raises:
+        RuleError: an unknown ``peft_type``, or options peftc can't honour.
+    """
+    kind = peft_type(config)
+    if kind not in _READERS:
+        raise RuleError(f"peft_type {config.get('peft_type')!r} is not supported; supported: {sorted(_READERS)}")
+    return _READERS[kind](config, model)
+
+
+def supported_peft_types() -> tuple[str, ...]:
+    """The ``peft_type`` values :func:`to_rules` reads."""
+    return tuple(_READERS)
+
+
+def peft_type(config: dict) -> str:
+    """``config``'s ``peft_type``, normalised (``"PeftType.LORA"`` -> ``"LORA"``)."""
+    return str(config.get("peft_type", "")).upper().rsplit(".", 1)[-1]
+
+
+def _task_options(config: dict) -> tuple[list[str], str | None]:
+    """modules_to_save (with PEFT's classifier heads for SEQ_CLS) and the task type."""
+    modules_to_save = list(config.get("modules_to_save") or [])
+    task_type = str(config["task_type"]).rsplit(".", 1)[-1].upper() if config.get("task_type") else None
+    if task_type == "SEQ_CLS":
+        modules_to_save += [m for m in SEQ_CLS_HEADS if m not in modules_to_save]
+    return modules_to_save, task_type
+
+
+def _from_prompt(config: dict, model) -> Translated:
+    init = str(config.get("prompt_tuning_init", "RANDOM")).rsplit(".", 1)[-1].upper()
+    inits = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
+    if init not in inits:
+        raise RuleError(f"prompt_tuning_init={init!r} is not supported; use one of {sorted(inits)}")
+    tokenizer = None
+    if init == "TEXT":
+        from transformers import AutoTokenizer
+
+        path = config.get("tokenizer_name_or_path")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **(config.get("tokenizer_kwargs") or {}))
+        except Exception as e:
+            raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
+                            f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
+    adapter = Prompt(config.get("num_virtual_tokens") or 0, inits[init],
+                     config.get("prompt_tuning_init_text"), tokenizer)
+    modules_to_save, task_type = _task_options(config)
+    return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+def _from_prefix(config: dict, model) -> Translated:
+    projection = config.get("encoder_hidden_size") if config.get("prefix_projection") else None
+    adapter = Prefix(config.get("num_virtual_tokens") or 0, projection)
+    modules_to_save, task_type = _task_options(config)
+    return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+def _from_lora(config: dict, model: nn.Module | None) -> Translated:
+    unsupported = [
+        k for k, default in _IGNORED_WHEN_DEFAULT.items()
+        if config.get(k, default) not in (default, None, {}, [], False)
+    ]
+    if unsupported:
+        raise RuleError(f"LoraConfig options {unsupported} are not supported by peftc; remove them")
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False or 'gaussian'")
+    modules_to_save, task_type = _task_options(config)
+    targets = config.get("target_modules")
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in _DEFAULT_TARGETS:
+            raise RuleError(f"LoraConfig has no target_modules and peftc has no default for model type {model_type!r}; set target_modules")
+        targets = _DEFAULT_TARGETS[model_type]
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, config.get("task_type"))
+    selector = _PeftTargets(
+        targets, config.get("exclude_modules"), config.get("layers_to_transform"),
+        config.get("layers_pattern"), modules_to_save,
+    )
+    adapter = LoRA(
+        r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+        init=init, use_rslora=config.get("use_rslora", False),
+        rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
+    )
+    return Translated([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
+
+
+def _all_linear(model: nn.Module | None, task_type) -> set[str]:
+    """PEFT's "all-linear": every nn.Linear / Conv1D except the output head."""
+    if model is None:
+        raise RuleError('target_modules="all-linear" needs the model; pass rules through peftc.compile')
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and str(task_type or "").upper().endswith("SEQ_CLS"):
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+    if head is not None:
+        names -= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+class _PeftTargets(Selector):
+    """PEFT's module matching: target/exclude lists or regexes, layer filters."""
+
+    def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save):
+        self.targets, self.exclude = targets, exclude
+        self.layers = [layers] if isinstance(layers, int) else layers
+        self.layers_pattern, self.modules_to_save = layers_pattern, modules_to_save
+
+    def __call__(self, site: Site) -> bool:
+        if not site.is_linear:
+            return False
+        key = site.path
+        if self.exclude and _names_match(self.exclude, key):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
+            return False
+        if isinstance(self.targets, str):
+            return re.fullmatch(self.targets, key) is not None
+        if key in self.targets:
+            return True
+        if not any(key.endswith(f".{t}") for t in self.targets):
+            return False
+        if self.layers:
+            return layer_index(key, self.layers_pattern) in self.layers
+        return True
+
+    def describe(self):
+        return f"peft_target_modules({self.targets!r})"
+
+    def hint(self):
+        return self.targets if isinstance(self.targets, str) else next(iter(self.targets), None)
+
+
+def _names_match(names, key: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+# -- writing --------------------------------------------------------------------------
+
+
+def adapter_config(cm, name: str) -> dict:
+    """The config dict for adapter ``name``: PEFT's for LoRA, prompt or prefix tuning,
+    peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
+    placements = [p for p in cm.sites if p.adapter_name == name]
+    kinds = {type(p.adapter) for p in placements}
+    if kinds == {Prompt} or kinds == {Prefix}:
+        return _prompt_learning_config(cm, name, kinds.pop())
+    if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
+        return _lora_config(cm, name)
+    return _native_config(cm, name)
+
+
+def is_prompt_learning(placements) -> bool:
+    """Whether PEFT files these placements as prompt learning (prompt or prefix tuning),
+    which keys ``modules_to_save`` copies one level up."""
+    return any(isinstance(p.adapter, (Prompt, Prefix)) for p in placements)
+
+
+def _native_config(cm, name: str) -> dict:
+    """peftc's config: every site with its adapter's arguments (``Adapter.config()``).
+
+    Tensors use the same keys as PEFT's format (``base_model.model.<key>.<state>``).
+    Sites found by a pattern can't be found again from a name alone: loading
+    such an adapter needs its rules (``from_pretrained(..., rules=...)``).
+    """
+    options = cm.adapter_options(name)
+    return {
+        "peft_type": NATIVE,
+        "format_version": 1,
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "bias": options.get("bias", "none"),
+        "modules_to_save": options.get("modules_to_save") or None,
+        "sites": [{"weight_path": p.site.weight_path, "kind": p.site.kind, "op": p.site.op,
+                   "adapter": p.adapter.config()} for p in cm.sites if p.adapter_name == name],
+    }
+
+
+def _from_native(config: dict, model) -> Translated:
+    """Rules rebuilding a native config's adapter on the same sites (by weight path)."""
+    if not isinstance(config.get("sites"), list):
+        raise RuleError("a PEFTC adapter config needs a list of 'sites'; the file is not one peftc wrote")
+    if any(site["kind"] == "pattern" for site in config["sites"]):
+        raise RuleError("this adapter sits on pattern-matched sites; pass the rules it was built "
+                         "with: from_pretrained(model, dir, rules=[...])")
+    groups: dict[str, list[str]] = {}
+    for site in config["sites"]:
+        groups.setdefault(json.dumps(site["adapter"], sort_keys=True), []).append(site["weight_path"])
+    rules = []
+    for spec, paths in groups.items():
+        try:
+            adapter = adapter_from_config(json.loads(spec))
+        except RuleError as e:
+            raise RuleError(f"{e}. A custom kind must be imported before loading an adapter that uses it") from e
+        wanted = frozenset(paths)
+        rules.append(Rule(where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})"), adapter))
+    return Translated(rules, list(config.get("modules_to_save") or []), config.get("bias", "none"),
+                      config.get("task_type"))
+
+
+def _prompt_learning_config(cm, name: str, kind: type) -> dict:
+    placement = next(p for p in cm.sites if p.adapter_name == name)
+    spec, config = placement.adapter, getattr(cm.base_model, "config", None)
+    out = {
+        "peft_type": "PROMPT_TUNING" if kind is Prompt else "PREFIX_TUNING",
+        "task_type": cm.adapter_options(name).get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "inference_mode": True,
+        "num_virtual_tokens": spec.num_virtual_tokens,
+        "num_transformer_submodules": 1,
+        "modules_to_save": cm.adapter_options(name).get("modules_to_save") or None,
+    }
+    if kind is Prompt:
+        out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
+                   prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
+                   token_dim=placement.state.embedding.shape[1])
+    else:
+        n, rows, kv_heads, head_dim = placement.state.shape
+        out.update(prefix_projection=False, encoder_hidden_size=spec.projection or kv_heads * head_dim,
+                   num_layers=rows // 2, token_dim=kv_heads * head_dim, num_attention_heads=kv_heads)
+    return out
+
+
+def _lora_config(cm, name: str) -> dict:
+    """A PEFT ``LoraConfig`` dict that rebuilds adapter ``name`` on the same sites."""
+    placements = [p for p in cm.sites if p.adapter_name == name]
+    ranks = Counter(p.state.r for p in placements)
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    use_rslora = {p.adapter.use_rslora for p in placements} == {True}
+    alphas = {p.key: _alpha(p, use_rslora) for p in placements}
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+    dropouts = {p.adapter.dropout for p in placements}
+    if len(dropouts) > 1:
+        warnings.warn(f"adapter {name!r} has several dropouts {sorted(dropouts)}; PEFT keeps one: "
+                      f"{max(dropouts)}", stacklevel=3)
+    options = cm.adapter_options(name)
+    return {
+        "peft_type": "LORA",
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts, default=0.0),
+        "target_modules": sorted(alphas),
+        "rank_pattern": {re.escape(k): p.state.r for p in placements
+                         if p.state.r != r and (k := p.key)},
+        "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),
+        "init_lora_weights": True,
+        "bias": options.get("bias", "none"),
+        "modules_to_save": options.get("modules_to_save") or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _alpha(p, use_rslora: bool) -> float:
+    scaling = float(p.state.scaling)
+    alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
+    return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
+
+
+def _task_type(model) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+_READERS = {"LORA": _from_lora, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
+            NATIVE: _from_native}
