@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 
 from ..boundary import as_keywords
 from ..errors import MergeError, PeftcError, first_line
-from ..passes.merge import missing_biases
+from ..passes.merge import mergeable_or_raise, missing_biases
 from ..quiet import quiet
 from ..trace import call_inputs, default_inputs, with_defaults
 from .verify import ExportResult, flatten_outputs, other_batch, verify_artifact
@@ -169,16 +169,16 @@ def _check_hf_model(model: nn.Module) -> None:
 
 
 def _check_mergeable(cm) -> None:
-    """Format 'hf' holds weights only: fail early on active adapters that can't merge."""
+    """Format 'hf' holds weights only: fail before merging on active adapters that can't
+    merge, or that would add biases the model class has no place for (the checks merge runs)."""
     if cm.merged:
         return
-    active = getattr(cm, "active_adapters", None)
-    names = set(active) if isinstance(active, (list, tuple)) else None
-    bad = sorted({f"{p.adapter_name}: {p.adapter!r}" for p in cm.sites
-                  if not p.adapter.mergeable and (names is None or p.adapter_name in names)})
-    if bad:
-        raise _not_hf(f"adapters {', '.join(bad)} add tokens or keys, not weight deltas")
-    placements = [p for p in cm.sites if names is None or p.adapter_name in names]
+    names = set(cm.active_adapters)
+    placements = [p for p in cm.sites if p.adapter_name in names]
+    try:
+        mergeable_or_raise(placements)
+    except MergeError as e:
+        raise _not_hf(first_line(e)) from e
     try:
         missing = [path for _, path in missing_biases(cm.base_model, placements)]
     except MergeError:
@@ -234,10 +234,7 @@ def _example_kwargs(cm, example_inputs) -> dict:
 
 def _trace_inputs(cm) -> tuple[tuple, dict]:
     """The inputs of a trace cm already has (eval traces first), or the default batch."""
-    traces = [v.trace for vs in getattr(cm, "_variants", {}).values() for v in vs]
-    traces += [t for t in (getattr(cm, "_first", None), getattr(cm, "_catalog", None)) if t is not None]
-    traces.sort(key=lambda t: bool(t.key[0]))  # eval traces first
-    for t in traces:
+    for t in sorted(cm.traces(), key=lambda t: t.training):  # eval traces first
         example = getattr(t.ep, "example_inputs", None)
         if not example:
             continue
@@ -263,8 +260,8 @@ def _merge(cm, fmt: str) -> str | None:
             if fmt == "hf":
                 raise _not_hf(first_line(e)) from e
             return first_line(e)
-    if fmt == "hf" and getattr(cm, "_created_biases", None):
-        raise _no_bias(cm, list(cm._created_biases))
+    if fmt == "hf" and cm.created_biases:
+        raise _no_bias(cm, cm.created_biases)
     return None
 
 
@@ -287,8 +284,9 @@ class _Program(nn.Module):
         constants = {k: v for k, v in inputs.items() if k not in tensors}
         module, trace = cm.base_model, None
         if reason is not None:  # the graph cm runs, adapter nodes and all
-            variant = cm._variant((), cm._inputs((), dict(inputs))[1])
-            module, trace = variant.gm, variant.trace
+            program = cm.program_for(**inputs)
+            module, trace = program.gm, program.trace
+
         namespace: dict = {}
         exec(f"def forward(self, {', '.join(tensors)}):\n"  # names are the forward's own parameters
              f"    return self._run(dict({', '.join(f'{n}={n}' for n in tensors)}))\n", namespace)

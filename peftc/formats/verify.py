@@ -75,14 +75,16 @@ def flatten_outputs(out, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
 def other_batch(cm, inputs: dict) -> dict:
     """The example resized along each dim the trace keeps dynamic: batch + 1, length - 3
-    (+ 1 when short); inputs are tiled and cropped, so token ids stay valid."""
-    model_inputs = cm._inputs((), dict(inputs))[1]
-    trace = cm._variant((), model_inputs).trace
+    (+ 1 when short); inputs are tiled and cropped, so token ids stay valid.
+
+    ``inputs`` are keyword inputs as the forward normalises them (None values dropped).
+    """
+    trace = cm.program_for(**inputs).trace
     vals = {n.name: n.meta.get("val") for n in trace.ep.graph.nodes if n.op == "placeholder"}
     specs = iter(s for s in trace.ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
     traced: dict[str, torch.Tensor] = {}  # input name -> the trace's (symbolic) value
     for name in trace.kwarg_order:
-        mine = [next(specs, None) for _ in pytree.tree_leaves(model_inputs[name])]
+        mine = [next(specs, None) for _ in pytree.tree_leaves(inputs[name])]
         if len(mine) == 1 and mine[0] is not None and isinstance(mine[0].arg, TensorArgument):
             val = vals.get(mine[0].arg.name)
             if isinstance(val, torch.Tensor) and isinstance(inputs.get(name), torch.Tensor):
