@@ -36,6 +36,7 @@ reads back the input and output names.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -287,10 +288,19 @@ class _Program(nn.Module):
             program = cm.program_for(**inputs)
             module, trace = program.gm, program.trace
 
-        namespace: dict = {}
-        exec(f"def forward(self, {', '.join(tensors)}):\n"  # names are the forward's own parameters
-             f"    return self._run(dict({', '.join(f'{n}={n}' for n in tensors)}))\n", namespace)
-        cls = type("ExportedModel", (_Program,), {"forward": namespace["forward"]})
+        # No generated code: ``forward`` takes ``**tensors`` and declares the tensor inputs
+        # as keyword-only parameters in ``__signature__``. torch.export binds the inputs and
+        # keys ``dynamic_shapes`` through ``inspect.signature(module.forward)``, which reads
+        # it (a bare ``**tensors`` makes export expect ``dynamic_shapes={"tensors": ...}``).
+        # A fresh function per program, so each class has its own signature.
+        def forward(self, **tensors):
+            return self._run(tensors)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+             *(inspect.Parameter(name, keyword) for name in tensors)])
+        cls = type("ExportedModel", (_Program,), {"forward": forward})
         return cls(module, constants, trace)
 
     def _run(self, tensors: dict):
