@@ -13,16 +13,20 @@ failure, reported as one ``peftc: error: ...`` line on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
+from .formats.export import FORMATS as EXPORT_FORMATS
+from .quiet import quiet
+
 PROG = "peftc"
-FORMATS = ("hf", "pt2", "onnx")
+# Export's formats, hf (the default) first. Importing formats.export here costs ~10 ms:
+# importing peftc.cli imports the peftc package, torch included, anyway.
+FORMATS = ("hf", *(f for f in EXPORT_FORMATS if f != "hf"))
+# Kept at ERROR while a command runs: their warnings and notes are noise on the command line.
+LOGGERS = ("torch", "transformers", "onnxscript")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Files copied next to an "hf" export so the folder is a complete checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -35,7 +39,7 @@ class CliError(Exception):
 
 
 def _version() -> str:
-    try:  # without importing peftc (and torch): --version and --help stay instant
+    try:  # the installed distribution's; a source tree without metadata: peftc.__version__
         from importlib.metadata import PackageNotFoundError, version
 
         return version("peftc")
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit with status 2 here
     try:
-        with _quiet():
+        with quiet(LOGGERS):
             if args.command == "inspect":
                 return inspect_command(args)
             return merge_command(args)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _reportable(e):
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {_joined_lines(e)}", file=sys.stderr)
         return 1
 
 
@@ -123,7 +127,10 @@ def _reportable(e: BaseException) -> bool:
     return isinstance(e, (CliError, PeftcError, OSError))
 
 
-def _one_line(e: BaseException) -> str:
+def _joined_lines(e: BaseException) -> str:
+    """All of ``e``'s message on one line (its lines joined by "; "), for the one ``peftc: error:``
+    line. Not :func:`peftc.errors.first_line`, which keeps the first line only: later lines
+    can say what to do (a TraceError's "Try: ..."), or are the cause a library reports."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return "; ".join(lines) or type(e).__name__
 
@@ -149,7 +156,7 @@ def _model_class(folder: Path):
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise CliError(f"can't read {folder / 'config.json'}: {_one_line(e)}") from e
+        raise CliError(f"can't read {folder / 'config.json'}: {_joined_lines(e)}") from e
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         raise CliError(f"{folder / 'config.json'} names no architectures; peftc needs the model class "
@@ -169,7 +176,7 @@ def _meta_model(folder: Path):
         with torch.device("meta"):
             model = cls(config)
     except Exception as e:
-        raise CliError(f"can't build {cls.__name__} from {folder / 'config.json'}: {_one_line(e)}") from e
+        raise CliError(f"can't build {cls.__name__} from {folder / 'config.json'}: {_joined_lines(e)}") from e
     return model.eval()
 
 
@@ -183,7 +190,7 @@ def _load_model(folder: Path, dtype: str):
     except OSError:
         raise
     except Exception as e:
-        raise CliError(f"can't load {cls.__name__} from {folder}: {_one_line(e)}") from e
+        raise CliError(f"can't load {cls.__name__} from {folder}: {_joined_lines(e)}") from e
     return model.eval()
 
 
@@ -202,7 +209,7 @@ def inspect_command(args) -> int:
     cm = peftc.compile(model, rules, backend="eager")
     rows, adapter_params = _site_rows(cm)
     saved = [{"path": path, "adapter": name, "params": sum(p.numel() for p in clone.parameters())}
-             for name, copies in getattr(cm, "_saved", {}).items() for path, clone in copies.items()]
+             for name in cm.adapters for path, clone in cm.saved_modules(name).items()]
     trainable, total = cm.get_nb_trainable_parameters()
     summary = {
         "model": type(model).__name__,
@@ -362,21 +369,6 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
         src = source / name
         if src.is_file() and not (target / name).exists():
             shutil.copy2(src, target / name)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Keep library warnings, log lines and transformers' own progress bars out of the output."""
-    levels = {name: logging.getLogger(name).level for name in ("torch", "transformers", "onnxscript")}
-    try:
-        for name in levels:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _quiet_transformers() -> None:

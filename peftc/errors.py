@@ -15,3 +15,12 @@ class TraceError(PeftcError, RuntimeError):
 
 class MergeError(PeftcError, RuntimeError):
     """Adapters could not be folded into (or out of) the weights."""
+
+
+def first_line(e: BaseException, limit: int = 400) -> str:
+    """The first non-blank line of ``e``'s message, cut to ``limit`` characters; its type name if blank.
+
+    For quoting another library's exception inside a one-line peftc message.
+    """
+    line = next((s.strip() for s in str(e).splitlines() if s.strip()), "")
+    return line[:limit] if line else type(e).__name__

@@ -34,7 +34,6 @@ op schemas or leaking values.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import re
@@ -48,6 +47,7 @@ from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 from .errors import RuleError
 from .match import Selector
 from .passes.builder import META_ADAPTER, STATE_ROOT
+from .quiet import quiet
 from .sites import Site, layer_index, module_path
 
 aten = torch.ops.aten
@@ -318,7 +318,7 @@ def _trace_pattern(fn, example_inputs, name: str) -> tuple[fx.GraphModule, list[
     errors = []
     for args in candidates:
         try:
-            with _quiet_torch_logs():
+            with quiet(_NOISY_LOGGERS, level=logging.CRITICAL, warnings=False):
                 ep = torch.export.export(_Wrap(fn), args, strict=False)
             break
         except Exception as e:  # any failure: try the next shapes, then report
@@ -357,20 +357,7 @@ def _trace_pattern(fn, example_inputs, name: str) -> tuple[fx.GraphModule, list[
     return gm, kept
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    """Silence what torch logs while a trying shape fails (the failure is reported, or moot)."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
+# Silenced while a trying shape fails (the failure is reported, or moot).
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
                   "torch._export.non_strict_utils", "torch.export._trace")
 
