@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
-from .errors import RuleError
+from .errors import RuleError, first_line
 from .match import Selector
 from .passes.builder import META_ADAPTER, STATE_ROOT
 from .quiet import quiet
@@ -330,7 +330,7 @@ def _trace_pattern(fn, example_inputs, name: str) -> tuple[fx.GraphModule, list[
                 if example_inputs is None else "check that example_inputs fit it")
         raise RuleError(
             f"peftc.pattern: the pattern function {name!r} could not be traced "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}) "
+            f"({type(e).__name__}: {first_line(e)}) "
             f"with inputs of shapes [{shapes}]; {hint}. The pattern must be straight-line tensor "
             "code (no branches on values)"
         ) from e

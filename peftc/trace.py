@@ -22,7 +22,7 @@ from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from .boundary import MODEL_PREFIX, Boundary
-from .errors import PeftcError, TraceError
+from .errors import PeftcError, TraceError, first_line
 
 
 def call_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -169,11 +169,11 @@ def _dim_range(dim, ranges) -> tuple[float, float]:
     r = ranges.get(dim.node.expr)
     if r is None:  # an expression of other dims: export's own check decides
         return 0, math.inf
-    return _bound(r.lower, 0), _bound(r.upper, math.inf)
+    return range_bound(r.lower, 0), range_bound(r.upper, math.inf)
 
 
-def _bound(value, infinite: float) -> float:
-    """A range bound as an int; ``infinite`` when it is unbounded."""
+def range_bound(value, infinite: float) -> float:
+    """A symbolic range bound as an int; ``infinite`` when it is unbounded (sympy's ``oo``)."""
     try:
         return int(value)
     except (TypeError, ValueError, AttributeError, OverflowError):
@@ -232,7 +232,7 @@ def describe_inputs(args, kwargs) -> str:
 
 def _explain(model, args, kwargs, error: Exception) -> str:
     name = type(model).__name__
-    first = (str(error).strip().splitlines() or [""])[0][:500]
+    first = first_line(error, 500)
     text = str(error)
     if "data-dependent" in text or "GuardOnDataDependent" in type(error).__name__:
         hint = ("the model's Python code branches on tensor values, which a graph can't express. "

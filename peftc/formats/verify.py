@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import PeftcError, first_line
 from ..quiet import quiet
+from ..trace import range_bound
 
 # Silenced while transformers loads an hf export back.
 LOAD_LOGGERS = ("torch", "transformers")
@@ -108,17 +109,10 @@ def other_batch(cm, inputs: dict) -> dict:
 
 def _resize(size: int, dim: int, bounds) -> int:
     new = size + 1 if dim == 0 or size <= 4 else size - 3
-    low, high = (_int(bounds.lower, 0), _int(bounds.upper, new)) if bounds is not None else (0, new)
+    low, high = (range_bound(bounds.lower, 0), range_bound(bounds.upper, new)) if bounds is not None else (0, new)
     if not low <= new <= high:
         new = size - 1 if low <= size - 1 else size
     return max(new, 1)
-
-
-def _int(value, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's infinities
-        return default
 
 
 def _tile(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
