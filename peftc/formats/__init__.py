@@ -1,1 +1,2 @@
-"""On-disk formats: PEFT adapter checkpoints."""
+"""On-disk formats: PEFT adapter checkpoints (peft), merged-graph exports (export) and their
+verification (verify)."""

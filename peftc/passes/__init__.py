@@ -1,1 +1,2 @@
-"""Graph passes, one per file: insert, strip, swap (modules_to_save), merge, lower."""
+"""Graph passes, one per file (inline, insert and strip, swap, bias, lower), their shared
+builder, and merge: the weight side of merging."""
