@@ -173,3 +173,28 @@ def test_bad_adapter_names():
         cm.add_adapter("a.b", [peftc.LoRA().on(QV)])
     with pytest.raises(peftc.RuleError, match="combination_type"):
         cm.add_weighted_adapter(["default"], [1.0], "x", combination_type="ties")
+
+
+def test_merge_disable_unmerge_keeps_the_active_adapter_acting():
+    """Disabling while merged turns the gates off; unmerging must turn them back on."""
+    cm, base = _two_adapters()
+    ids, mask = padded_batch(2, 6)
+    before = cm(input_ids=ids, attention_mask=mask).logits
+    cm.merge()
+    with cm.disable_adapter():
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                                   base(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    cm.unmerge()
+    assert cm.active_adapters == ["default"]
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5, rtol=0)
+
+
+def test_deleting_an_adapter_drops_its_selectors():
+    """A deleted adapter's rules stop searching new graphs (a pattern selector finds sites of its own)."""
+    cm, _ = _two_adapters()
+    rule = peftc.LoRA(r=2).on(peftc.linear(r".*mlp\.down_proj"))
+    cm.add_adapter("extra", [rule])
+    assert rule.selector in cm.state.selectors
+    cm.delete_adapter("extra")
+    assert rule.selector not in cm.state.selectors
+    assert len(cm.state.selectors) == 3  # default's one rule and other's two

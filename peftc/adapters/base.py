@@ -5,7 +5,7 @@ An adapter kind is a small class that says four things about one site:
 - ``init_state(site)``: the parameters (and buffers) it adds, as an ``nn.Module``;
 - ``emit(b, site)``: the nodes it inserts after the site's op (or, with
   ``position = "before"``, in front of it, rewiring the op's inputs), written
-  with the :class:`~peftc.passes.insert.Builder` ``b``;
+  with the :class:`~peftc.passes.builder.Builder` ``b``;
 - ``merge_delta(site, state)``: what it adds to the site's weights when merged
   (a kind that doesn't define it cannot merge);
 - ``saved_state(site, state, prefix)``: how its state is named on disk.
