@@ -80,6 +80,9 @@ class AdapterRecord:
     options: dict  # bias, modules_to_save, task_type (PEFT's options, for saving)
     trainable: bool = True
     placements: list[Placement] = field(default_factory=list)
+    #: ``(adapter, state path)`` of each input rewrite (prompt, prefix), once per state:
+    #: read on every forward call, so kept rather than derived.
+    rewrites: list[tuple[Adapter, str]] = field(default_factory=list)
 
 
 class AdapterState:
@@ -120,12 +123,8 @@ class AdapterState:
         return {path: tree.get_submodule(path) for path in self.records[name].saved_paths}
 
     def rewrites(self, names: list[str]) -> list[tuple[Adapter, str]]:
-        """``(adapter, state path)`` of each input rewrite (prompt, prefix) of ``names``, once per state."""
-        out: dict[str, Adapter] = {}
-        for p in self.placements:
-            if p.adapter_name in names and p.adapter.rewrites_inputs:
-                out.setdefault(p.target, p.adapter)
-        return [(adapter, target) for target, adapter in out.items()]
+        """``(adapter, state path)`` of each input rewrite (prompt, prefix) of ``names``."""
+        return [r for name, record in self.records.items() if name in names for r in record.rewrites]
 
     def check_names(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.records]
@@ -152,11 +151,14 @@ class AdapterState:
                                     "an adapter must add at least one trainable parameter")
                 states.append((adapter, site, key, state))
         tree = nn.Module()
-        placements = []
+        placements, rewrites = [], []
         for adapter, site, key, state in _unique_keys(states):
+            placement = Placement(site, adapter, name, state, key)
             if not _has_path(tree, key):
                 _set_path(tree, key, state.to(site.device))
-            placements.append(Placement(site, adapter, name, state, key))
+                if adapter.rewrites_inputs:
+                    rewrites.append((adapter, placement.target))
+            placements.append(placement)
         saved = nn.Module()
         for path in saved_paths:
             _set_path(saved, path, copy.deepcopy(self.model.get_submodule(path)))
@@ -165,7 +167,8 @@ class AdapterState:
         self.root.adapters[name] = tree
         self.root.saved[name] = saved
         self.root.gates.register_buffer(name, torch.zeros(1, dtype=torch.bool, device=_device(self.model)))
-        self.records[name] = AdapterRecord(list(selectors), list(saved_paths), dict(options), trainable, placements)
+        self.records[name] = AdapterRecord(list(selectors), list(saved_paths), dict(options), trainable,
+                                           placements, rewrites)
 
     def delete(self, name: str) -> None:
         """Forget adapter ``name`` and its state (selectors included)."""
