@@ -7,12 +7,15 @@ Every transformers model here is built from a tiny config with random weights
 from __future__ import annotations
 
 import copy
-import math
 import warnings
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from peftc.testing.strategies import TinyMLP
 
 VOCAB = 128
 
@@ -216,79 +219,15 @@ def aten_ops(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-# -- small plain models -----------------------------------------------------------------
-
-
-class FLinear(nn.Module):
-    """A linear layer written as ``F.linear`` on its own parameters."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
-        self.bias = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight, self.bias)
-
-    def dense(self):
-        """(weight [out, in], bias or None) for a reference computation."""
-        return self.weight, self.bias
-
-
-class MatMul(nn.Module):
-    """``x @ W`` with ``W`` stored [in, out] (layout "in_out")."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool = True):
-        super().__init__()
-        self.W = nn.Parameter(torch.randn(d_in, d_out) / math.sqrt(d_in))
-        self.b = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
-
-    def forward(self, x):
-        y = x @ self.W
-        return y + self.b if self.b is not None else y
-
-    def dense(self):
-        return self.W.T, self.b
-
-
-class MatMulT(nn.Module):
-    """``x @ W.T`` with ``W`` stored [out, in] (layout "out_in")."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
-        self.b = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
-
-    def forward(self, x):
-        y = x @ self.weight.T
-        return y + self.b if self.b is not None else y
-
-    def dense(self):
-        return self.weight, self.b
-
-
-class Stack(nn.Module):
-    """Layers of several linear forms with tanh between them."""
-
-    KINDS = {"linear": None, "flinear": FLinear, "matmul": MatMul, "matmul_t": MatMulT}
-
-    def __init__(self, widths: list[int], kinds: list[str], biases: list[bool]):
-        super().__init__()
-        layers = []
-        for d_in, d_out, kind, bias in zip(widths[:-1], widths[1:], kinds, biases, strict=True):
-            layers.append(nn.Linear(d_in, d_out, bias=bias) if kind == "linear"
-                          else self.KINDS[kind](d_in, d_out, bias))
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
+# -- small plain models: peftc.testing.strategies' builders ------------------------------
+#
+# TinyMLP (``layers.i`` with tanh between) and its layer forms ``linear`` (nn.Linear), ``flinear``
+# (F.linear), ``matmul`` (x @ W, [in, out]) and ``matmul_t`` (x @ W.T, [out, in]) come from the
+# testing kit, so the suite and the kit's users build the same models.
 
 
 def dense_of(layer: nn.Module):
+    """(weight [out, in], bias or None) of an ``nn.Linear`` or a kit layer (``dense()``)."""
     if isinstance(layer, nn.Linear):
         return layer.weight, layer.bias
     return layer.dense()
@@ -300,7 +239,7 @@ def lora_term(h: torch.Tensor, state) -> torch.Tensor:
     return float(state.scaling) * (h.double() @ a.T) @ b.T
 
 
-def reference_forward(model: Stack, cm, x: torch.Tensor) -> torch.Tensor:
+def reference_forward(model: TinyMLP, cm, x: torch.Tensor) -> torch.Tensor:
     """``model``'s forward with every adapted layer's LoRA added, all in float64.
 
     Computed from the weights directly: ``y = x W^T + b + scaling * (x A^T) B^T``.

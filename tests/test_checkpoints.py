@@ -11,6 +11,8 @@ from conftest import BUILDERS, assert_unchanged, make_gpt2, make_llama, padded_b
 from safetensors.torch import load_file
 
 import peftc
+from peftc.testing import assert_roundtrip
+from peftc.testing.strategies import TinyMLP
 
 peft = pytest.importorskip("peft")
 
@@ -75,6 +77,14 @@ def test_trainable_load_and_only_adapter_state_written(tmp_path):
     assert loaded.active_adapters == ["second"]
     trainable, _ = loaded.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for p in loaded.peftc.adapters.second.parameters()) > 0
+
+
+def test_roundtrip_of_a_layer_that_adds_its_bias_itself():
+    """``x @ W + b`` (the bias added after the matmul, not an operand of it): save_pretrained then
+    from_pretrained gives back the same adapter state and outputs (a bug the testing kit found)."""
+    model = TinyMLP([3, 4], ["matmul"], [True])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    assert_roundtrip(model, [peftc.LoRA(r=2, init=False).on(peftc.linear())], (x,))
 
 
 def test_bad_checkpoints(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import VOCAB, make_llama
 
+import peftc
 from peftc import cli
 
 ATOL = 1e-4
@@ -242,7 +243,7 @@ def test_help_of_the_installed_script_and_version(runs, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"peftc {cli._version()}"
+    assert capsys.readouterr().out.strip() == f"peftc {peftc.__version__}"
 
 
 def test_usage_errors_exit_2(files, runs, capsys):

@@ -29,8 +29,37 @@ def _two_adapters(backend="eager"):
     return cm, base
 
 
-def test_switching_and_disabling_select_exactly_one_adapter():
+def _state(cm):
+    """Everything a test can change through the public API, to check it was put back."""
+    return (cm.adapters, cm.active_adapters, cm.merged, cm.training,
+            {n: p.requires_grad for n, p in cm.named_parameters()})
+
+
+@pytest.fixture(scope="module")
+def _built_once():
     cm, base = _two_adapters()
+    return cm, base, {k: v.detach().clone() for k, v in cm.state_dict().items()}, _state(cm)
+
+
+@pytest.fixture
+def two_adapters(_built_once):
+    """The model of ``_two_adapters()``, built once for the tests that switch, merge, train or fail
+    but add or delete no adapter; after each test it is put back exactly as built (unmerged,
+    "default" active, eval mode, no gradients, every value as built: unmerge alone leaves base
+    weights off by rounding), and the test fails if anything else was left changed."""
+    cm, base, values, state = _built_once
+    yield cm, base
+    if cm.merged:
+        cm.unmerge()
+    cm.set_adapter("default")
+    cm.eval()
+    cm.zero_grad(set_to_none=True)
+    cm.load_state_dict(values)  # strict: a bias that merge created and unmerge left would fail here
+    assert _state(cm) == state, "a test left the shared model changed"
+
+
+def test_switching_and_disabling_select_exactly_one_adapter(two_adapters):
+    cm, base = two_adapters
     ids, mask = padded_batch(3, 7)
     run = lambda: cm(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     default = run()
@@ -50,8 +79,8 @@ def test_switching_and_disabling_select_exactly_one_adapter():
     assert (default - other).abs().max() > 1e-3 and (both - default).abs().max() > 1e-3
 
 
-def test_merging_two_adapters_equals_both_active():
-    cm, base = _two_adapters()
+def test_merging_two_adapters_equals_both_active(two_adapters):
+    cm, base = two_adapters
     ids, mask = padded_batch(2, 6)
     cm.set_adapter(["default", "other"])
     both = cm(input_ids=ids, attention_mask=mask).logits
@@ -71,8 +100,8 @@ def test_merging_two_adapters_equals_both_active():
         torch.testing.assert_close(cm.base_model.get_parameter(n), p, atol=1e-6, rtol=0)
 
 
-def test_only_active_adapters_train():
-    cm, _ = _two_adapters()
+def test_only_active_adapters_train(two_adapters):
+    cm, _ = two_adapters
     cm.train()
     cm.set_adapter("other")
     trainable = {n.split(".")[2] for n, p in cm.named_parameters() if p.requires_grad}
@@ -98,8 +127,8 @@ def test_delete_active_adapter_activates_the_next():
         cm.set_adapter("default")
 
 
-def test_mixed_batch_picks_an_adapter_per_row():
-    cm, base = _two_adapters()
+def test_mixed_batch_picks_an_adapter_per_row(two_adapters):
+    cm, base = two_adapters
     ids, mask = padded_batch(3, 7)
     outs = {}
     for name in ("default", "other"):
@@ -133,11 +162,11 @@ def test_switching_never_recompiles():
     ids2, mask2 = padded_batch(2, 11)
     cm(input_ids=ids2, attention_mask=mask2)
     assert counter.frame_count == frames, "a switch, disable, or new size recompiled"
-    assert len(cm.programs) == 1, "a switch retraced"
+    assert len(cm.programs) == 1, "a switch, disable, or new size retraced"
 
 
-@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
-def test_add_weighted_adapter_matches_peft(kind):
+@pytest.fixture(scope="module")
+def _peft_pair_built_once():
     model = make_llama()
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -150,6 +179,33 @@ def test_add_weighted_adapter_matches_peft(kind):
         for p in cm.sites:
             p.state.lora_A.copy_(state[f"base_model.model.{p.path}.lora_A.{p.adapter_name}.weight"])
             p.state.lora_B.copy_(state[f"base_model.model.{p.path}.lora_B.{p.adapter_name}.weight"])
+    snapshot = {k: v.detach().clone() for k, v in pm.state_dict().items()}
+    return pm, cm, snapshot, {k: v.detach().clone() for k, v in cm.state_dict().items()}, _state(cm)
+
+
+@pytest.fixture
+def peft_pair(_peft_pair_built_once):
+    """PEFT and peftc with the same adapters "default" and "b", built once; the adapters a test
+    adds ("mix", "neg") are deleted after it, and both sides are checked to be as built."""
+    pm, cm, peft_values, values, state = _peft_pair_built_once
+    yield pm, cm
+    pm.set_adapter("default")
+    cm.set_adapter("default")
+    for name in ("mix", "neg"):
+        if name in pm.peft_config:
+            pm.delete_adapter(name)
+        if name in cm.adapters:
+            cm.delete_adapter(name)
+    cm.load_state_dict(values)
+    assert _state(cm) == state, "a test left the shared model changed"
+    assert set(pm.peft_config) == {"default", "b"}
+    now = pm.state_dict()
+    assert now.keys() == peft_values.keys() and all(torch.equal(now[k], v) for k, v in peft_values.items())
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_matches_peft(peft_pair, kind):
+    pm, cm = peft_pair
     pm.add_weighted_adapter(["default", "b"], [0.7, -0.3], "mix", combination_type=kind)
     pm.set_adapter("mix")
     cm.add_weighted_adapter(["default", "b"], [0.7, -0.3], "mix", combination_type=kind)
@@ -165,8 +221,8 @@ def test_add_weighted_adapter_matches_peft(kind):
                                    atol=1e-5, rtol=0)
 
 
-def test_bad_adapter_names():
-    cm, _ = _two_adapters()
+def test_bad_adapter_names(two_adapters):
+    cm, _ = two_adapters
     with pytest.raises(peftc.RuleError, match="exists"):
         cm.add_adapter("other", [peftc.LoRA().on(QV)])
     with pytest.raises(peftc.RuleError, match="identifier"):

@@ -57,8 +57,14 @@ def test_prompt_learning_matches_peft(kind, name):
     assert len(traces) == 2, "one trace per input signature, shared across sizes"
 
 
-def test_causal_prompt_logits_cover_virtual_tokens():
-    cm = peftc.compile(make_llama(), [peftc.Prompt(5)], backend="eager")
+@pytest.fixture(scope="module")
+def prompt5():
+    """A tiny Llama with 5 virtual tokens, for the tests that only call it (no training, no changes)."""
+    return peftc.compile(make_llama(), [peftc.Prompt(5)], backend="eager")
+
+
+def test_causal_prompt_logits_cover_virtual_tokens(prompt5):
+    cm = prompt5
     ids, _ = padded_batch(2, 7)
     assert cm(input_ids=ids).logits.shape == (2, 12, VOCAB)
 
@@ -183,7 +189,7 @@ def test_bitfit_on_bare_matmul_without_bias_refuses_merge():
     assert torch.equal(model.w, before) and not cm.merged
 
 
-def test_errors():
+def test_errors(prompt5):
     with pytest.raises(peftc.RuleError, match="num_virtual_tokens"):
         peftc.Prompt(0)
     with pytest.raises(peftc.RuleError, match="num_virtual_tokens"):
@@ -197,7 +203,6 @@ def test_errors():
         peftc.compile(mlp, [peftc.Prefix(2)], (torch.randn(2, 4),), backend="eager")
     with pytest.raises(peftc.RuleError, match="input-embedding"):
         peftc.compile(mlp, [peftc.Prompt(2)], (torch.randn(2, 4),), backend="eager")
-    cm = peftc.compile(make_llama(), [peftc.Prompt(2)], backend="eager")
     ids, _ = padded_batch(2, 5)
     with pytest.raises(peftc.RuleError, match="position_ids"):
-        cm(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))
+        prompt5(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))

@@ -9,27 +9,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Stack, aten_ops, make_llama, padded_batch, reference_forward
+from conftest import aten_ops, make_llama, padded_batch, reference_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.export import Dim
 
 import peftc
+from peftc.testing.strategies import TinyMLP
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
-KIND_NAMES = ["linear", "flinear", "matmul"]  # x @ W.T is covered in test_trace (see BUG there)
+# every linear form peftc adapts: nn.Linear, F.linear, x @ W ([in, out]) and x @ W.T ([out, in])
+FORMS = ["linear", "flinear", "matmul", "matmul_t"]
 
 
 @st.composite
 def stacks(draw):
     depth = draw(st.integers(1, 4))
     widths = draw(st.lists(st.integers(2, 12), min_size=depth + 1, max_size=depth + 1))
-    kinds = draw(st.lists(st.sampled_from(KIND_NAMES), min_size=depth, max_size=depth))
+    forms = draw(st.lists(st.sampled_from(FORMS), min_size=depth, max_size=depth))
     biases = draw(st.lists(st.booleans(), min_size=depth, max_size=depth))
     chosen = draw(st.sets(st.integers(0, depth - 1), min_size=1))
     return {
-        "widths": widths, "kinds": kinds, "biases": biases, "chosen": sorted(chosen),
+        "widths": widths, "forms": forms, "biases": biases, "chosen": sorted(chosen),
         "seed": draw(st.integers(0, 2**16)),
         "r": draw(st.integers(1, 6)),
         "alpha": draw(st.sampled_from([1, 2, 8, 16.5])),
@@ -39,8 +41,8 @@ def stacks(draw):
 
 
 def build_stack(spec, dtype, init=False):
+    model = TinyMLP(spec["widths"], spec["forms"], spec["biases"], seed=spec["seed"], dtype=dtype)
     torch.manual_seed(spec["seed"])
-    model = Stack(spec["widths"], spec["kinds"], spec["biases"]).to(dtype)
     x = torch.randn(*spec["lead"], spec["widths"][0], dtype=dtype)
     chosen = {f"layers.{i}" for i in spec["chosen"]}
     rule = peftc.LoRA(r=spec["r"], alpha=spec["alpha"], init=init, use_rslora=spec["rslora"]).on(
@@ -128,8 +130,8 @@ def test_optimizer_steps_change_only_adapters(spec, use_adamw, lr, init):
 @settings(max_examples=8)
 @given(spec=stacks())
 def test_merged_graph_is_the_base_graph(spec):
+    model = TinyMLP(spec["widths"], spec["forms"], spec["biases"], seed=spec["seed"])
     torch.manual_seed(spec["seed"])
-    model = Stack(spec["widths"], spec["kinds"], spec["biases"])
     x = torch.randn(*spec["lead"], spec["widths"][0])
     dims = {d: Dim.AUTO for d in range(2)}
     reference = torch.export.export(model, (x,), dynamic_shapes={"x": dims}, strict=False).module()
@@ -149,8 +151,8 @@ def test_merged_graph_is_the_base_graph(spec):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_merge_rounds_once(dtype):
+    model = TinyMLP([24, 40, 16], ["linear", "flinear"], [True, False], dtype=dtype)
     torch.manual_seed(0)
-    model = Stack([24, 40, 16], ["linear", "flinear"], [True, False]).to(dtype)
     x = torch.randn(4, 24, dtype=dtype)
     cm = peftc.compile(model, [peftc.LoRA(r=4, alpha=8, init=False).on(peftc.linear())],
                        example_inputs=(x,), backend="eager")

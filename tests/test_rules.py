@@ -218,3 +218,24 @@ def test_load_rules_roundtrip_of_python_rules():
     assert peftc.load_rules(PY_RULES[0]).rules == [PY_RULES[0]]
     loaded = peftc.load_rules(RULES_DICT)
     assert [r.adapter.config() for r in loaded.rules] == [r.adapter.config() for r in PY_RULES]
+
+
+# -- the kind registry ----------------------------------------------------------------------------
+
+
+def test_subclass_without_its_own_kind_leaves_the_builtin_registered(monkeypatch):
+    """Subclassing a built-in kind without declaring ``kind`` doesn't take over its name:
+    ``kind: lora`` in a rules dict or file still builds a ``peftc.LoRA``."""
+    # Hygiene only: if this bug came back, the subclass would stay registered as "lora" and make
+    # unrelated tests fail. peftc has no public way to unregister a kind, so snapshot the one
+    # registry entry this test can touch; monkeypatch puts it back afterwards.
+    from peftc.adapters import base
+
+    monkeypatch.setitem(base._KINDS, "lora", peftc.LoRA)
+
+    class MyLoRA(peftc.LoRA):
+        pass
+
+    rules = peftc.load_rules({"rules": [{"adapter": {"kind": "lora", "r": 2}, "select": {"linear": None}}]}).rules
+    assert type(rules[0].adapter) is peftc.LoRA
+    assert type(MyLoRA(r=2).on(peftc.linear()).adapter) is MyLoRA  # the subclass itself still works

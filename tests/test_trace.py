@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, FLinear, MatMul, MatMulT, dense_of, lora_term, make_llama, padded_batch
+from conftest import VOCAB, dense_of, lora_term, make_llama, padded_batch
 from torch import nn
 
 import peftc
+from peftc.testing.strategies import FunctionalLinear, MatMulLinear, MatMulTLinear
 
 
 def copy_states(src, dst):
@@ -222,9 +223,9 @@ class OwnParams(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a = FLinear(8, 12)
-        self.b = MatMul(12, 10)
-        self.c = MatMulT(10, 6)
+        self.a = FunctionalLinear(8, 12)
+        self.b = MatMulLinear(12, 10)
+        self.c = MatMulTLinear(10, 6)
 
     def forward(self, x):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))

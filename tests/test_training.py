@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, make_llama, padded_batch, snapshot
+from torch import nn
 
 import peftc
 
@@ -146,3 +147,29 @@ def test_dropout_with_zero_b_is_exactly_the_base_model(dropout_cm):
         with torch.no_grad():
             for p, b in zip(cm.sites, saved, strict=True):
                 p.state.lora_B.copy_(b)
+
+
+# -- modules_to_save and LoRA on one module --------------------------------------------------------
+
+
+def test_lora_and_modules_to_save_on_one_module_trains_both():
+    """A LoRA rule on a module that is also in modules_to_save: the graph reads the trainable copy
+    and adds the LoRA term to it, so both train; the user's own layer stays frozen and untouched."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    before = snapshot(m)
+    cm = peftc.compile(m, [peftc.LoRA(r=2, init=False).on(peftc.linear("2"))], example_inputs=(x,),
+                       backend="eager", modules_to_save=["2"])
+    trainable = {n for n, p in cm.named_parameters() if p.requires_grad}
+    assert trainable == {"peftc.adapters.default.2.lora_A", "peftc.adapters.default.2.lora_B",
+                         "peftc.saved.default.2.weight", "peftc.saved.default.2.bias"}
+    assert set(cm.saved_modules("default")) == {"2"}
+    cm(x).pow(2).sum().backward()
+    for name, p in cm.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} is trainable but unused"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    for name, p in m.named_parameters():
+        assert torch.equal(p, before["param:" + name][0]) and not p.requires_grad, name

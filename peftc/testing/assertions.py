@@ -14,7 +14,6 @@ difference just after it (merged against unmerged), the first site off marked.
 from __future__ import annotations
 
 import copy
-import inspect
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+
+from ..trace import call_inputs, with_defaults
 
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -43,7 +44,8 @@ def assert_merge_equivalent(model: nn.Module, rules, inputs, *, atol: float | No
     them again through the compiled model and through the model's own forward.
 
     Arguments:
-        inputs: a tuple of positional inputs, a dict of keyword inputs, or a tensor.
+        inputs: a tuple of positional inputs, a dict of keyword inputs, or a tensor (None:
+            the default batch of a transformers text model, as for ``peftc.compile``).
         atol, rtol: override the dtype's tolerance (see module docs).
         perturb: std of the noise added to every adapter parameter first (0: none).
         seed: seeds that noise.
@@ -120,10 +122,8 @@ def assert_roundtrip(model: nn.Module, rules, inputs, *, directory=None, atol: f
                      backend="eager", **compile_kwargs) -> None:
     """``save_pretrained`` then load gives the same adapter state and the same outputs.
 
-    Loads with ``peftc.from_pretrained`` into a fresh copy of ``model`` (passing
-    ``rules`` when it takes them, as kinds outside PEFT's format need). Where
-    this peftc has no ``from_pretrained``, it reads the saved safetensors back
-    and compares them with every site's ``saved_state`` instead.
+    Loads with ``peftc.from_pretrained`` into a fresh copy of ``model``, passing
+    ``rules`` (adapters on pattern-matched sites can't be found again from names).
 
     Arguments:
         directory: where to save (default: a temporary directory, removed after).
@@ -140,24 +140,19 @@ def assert_roundtrip(model: nn.Module, rules, inputs, *, directory=None, atol: f
         except Exception as e:
             raise AssertionError(f"save_pretrained failed for {run.what}: {type(e).__name__}: {e}") from e
         folder = root if name == "default" else root / name
-        import peftc
+        import peftc  # the public entry points, whichever module defines them
 
-        loader = getattr(peftc, "from_pretrained", None)
-        if loader is None:
-            failures = _compare_files(run, folder)
-        else:
-            extra = {"rules": rules} if "rules" in inspect.signature(loader).parameters else {}
-            try:
-                loaded = loader(pristine, str(folder), example_inputs=inputs, backend=backend,
-                                adapter_name=name, **extra)
-            except Exception as e:
-                raise AssertionError(f"loading the saved adapter of {run.what} failed: "
-                                     f"{type(e).__name__}: {e}") from e
-            loaded.eval()
-            failures = _compare_states(run.cm, loaded)
-            with torch.no_grad():
-                got = loaded(*run.args, **run.kwargs)
-            failures += run.compare(expected, got, "after save and load", atol, rtol)
+        try:
+            loaded = peftc.from_pretrained(pristine, str(folder), example_inputs=inputs, backend=backend,
+                                           adapter_name=name, rules=rules)
+        except Exception as e:
+            raise AssertionError(f"loading the saved adapter of {run.what} failed: "
+                                 f"{type(e).__name__}: {e}") from e
+        loaded.eval()
+        failures = _compare_states(run.cm, loaded)
+        with torch.no_grad():
+            got = loaded(*run.args, **run.kwargs)
+        failures += run.compare(expected, got, "after save and load", atol, rtol)
     if failures:
         raise AssertionError(f"save/load did not round-trip {run.what}:\n  " + "\n  ".join(failures))
 
@@ -169,12 +164,12 @@ class _Run:
     """A compiled copy of the model with perturbed adapters, and the calls the checks make."""
 
     def __init__(self, model, rules, inputs, copy_model, perturb, seed, backend, compile_kwargs):
-        from ..api import compile as peftc_compile
+        import peftc  # the public entry points, whichever module defines them
 
         self.model = _copy(model) if copy_model else model
         self.model.eval()
-        self.args, self.kwargs = _call_args(inputs)
-        self.cm = peftc_compile(self.model, rules, example_inputs=inputs, backend=backend, **compile_kwargs)
+        self.args, self.kwargs = call_inputs(self.model, inputs)
+        self.cm = peftc.compile(self.model, rules, example_inputs=inputs, backend=backend, **compile_kwargs)
         self.cm.eval()
         self.placements = list(self.cm.sites)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
@@ -260,33 +255,40 @@ class _Run:
     # -- locating the site -----------------------------------------------------------
 
     def node_values(self) -> dict[str, torch.Tensor] | None:
-        """Every floating-point value the graph computes for the inputs, by node name (None if unknown)."""
+        """Every floating-point value the graph computes for the inputs, by node name (None if unknown).
+
+        The values only feed the site table of a failure message, so a run that can't record
+        them gives None rather than an error of its own.
+        """
+        gm = self.cm.graph_module(*self.args, **self.kwargs)
+        kwargs = with_defaults(self.model, dict(self.kwargs))
+        leaves = [*self.args, *kwargs.values()]
+        values: dict[str, torch.Tensor] = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if (n.op == "call_function" and "peftc" not in n.meta and isinstance(out, torch.Tensor)
+                        and out.is_floating_point()):
+                    values[n.name] = out.detach().clone()
+                elif n.op == "output":
+                    flat = [t.detach().flatten() for _, t in _leaves(out) if t.is_floating_point()]
+                    if flat:
+                        values[_OUTPUT] = torch.cat([f.to(flat[0].dtype) for f in flat])
+                return out
+
         try:
-            from ..trace import with_defaults
-
-            gm = self.cm.graph_module(*self.args, **self.kwargs)
-            kwargs = with_defaults(self.model, dict(self.kwargs))
-            leaves = [*self.args, *kwargs.values()]
-            values: dict[str, torch.Tensor] = {}
-
-            class Recorder(fx.Interpreter):
-                def run_node(self, n):
-                    out = super().run_node(n)
-                    if (n.op == "call_function" and "peftc" not in n.meta and isinstance(out, torch.Tensor)
-                            and out.is_floating_point()):
-                        values[n.name] = out.detach().clone()
-                    elif n.op == "output":
-                        flat = [t.detach().flatten() for _, t in _leaves(out) if t.is_floating_point()]
-                        if flat:
-                            values[_OUTPUT] = torch.cat([f.to(flat[0].dtype) for f in flat])
-                    return out
-
             with torch.no_grad():
                 Recorder(gm).run(*leaves)
-            self._gm = gm
-            return values
-        except Exception:
+        # The recorder binds the inputs to the graph's placeholders by position, which the model's
+        # own call does through its keyword order and input boundary: where the two differ (inputs
+        # rewritten at the boundary, non-tensor leaves) the graph's input guards raise
+        # AssertionError, a missing placeholder or an op on mismatched shapes RuntimeError, and a
+        # non-tensor leaf where a tensor is read TypeError or AttributeError. Building the graph
+        # (graph_module above) is not guarded: its PeftcError is the real failure.
+        except (RuntimeError, AssertionError, TypeError, AttributeError):
             return None
+        return values
 
     def site_table(self, before, after, atol, rtol) -> str:
         """Each site in graph order with the largest merged-vs-unmerged difference just after it."""
@@ -353,16 +355,6 @@ def _copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
-def _call_args(inputs) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    raise TypeError(f"inputs must be a tuple, a dict or a tensor, got {type(inputs).__name__}")
-
-
 def _leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:
     if isinstance(out, torch.Tensor):
         return [(name, out)]
@@ -413,25 +405,4 @@ def _compare_states(cm, loaded) -> list[str]:
                 off = ((got[name].detach().double().cpu() - value.detach().double().cpu()).abs().max().item()
                        if got[name].shape == value.shape else "shape")
                 out.append(f"site {p.site}: parameter {name} differs after loading (off by {off})")
-    return out
-
-
-def _compare_files(run: _Run, folder: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    from ..formats.peft import PREFIX, WEIGHTS_NAME
-
-    saved = load_file(str(folder / WEIGHTS_NAME))
-    name = run.placements[0].adapter_name if run.placements else "default"
-    expected = {}
-    for p in run.placements:
-        if p.adapter_name == name:
-            expected.update(p.adapter.saved_state(p.site, p.state, f"{PREFIX}{p.site.key}."))
-    out = []
-    if saved.keys() != expected.keys():
-        out.append(f"saved keys {sorted(saved)} != the adapters' saved_state keys {sorted(expected)}")
-    for key in saved.keys() & expected.keys():
-        want = expected[key].detach().cpu()
-        if saved[key].shape != want.shape or not torch.equal(saved[key], want.to(saved[key].dtype)):
-            out.append(f"{key}: the file holds other values than the adapter state")
     return out

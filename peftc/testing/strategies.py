@@ -9,7 +9,8 @@
         assert_merge_equivalent(*case)          # case = (model, rules, inputs)
 
 Models are MLPs (``nn.Linear`` layers and bare ``x @ W`` layers, ``W`` stored
-``[in, out]``) and small pre-norm transformer blocks with a hand-written
+``[in, out]``; on request also ``F.linear`` and ``x @ W.T`` layers on a module's own
+parameters) and small pre-norm transformer blocks with a hand-written
 attention (``softmax(q @ k^T * scale)``) or ``scaled_dot_product_attention``.
 Depth, widths, bias presence, dtype and weights (a drawn seed) are random, and
 every part shrinks toward the smallest model: depth 1, width 1, float32,
@@ -33,8 +34,11 @@ from ..match import linear
 from ..rules import Rule
 
 __all__ = [
+    "FORMS",
     "Case",
+    "FunctionalLinear",
     "MatMulLinear",
+    "MatMulTLinear",
     "TinyMLP",
     "TinyTransformer",
     "cases",
@@ -54,28 +58,71 @@ NORM_EPS = 0.1
 # -- the models -------------------------------------------------------------------
 
 
-class MatMulLinear(nn.Module):
+class _OwnLinear(nn.Module):
+    """A linear map on the module's own ``weight`` and ``bias`` (``bias`` None when absent)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, in_out: bool):
+        super().__init__()
+        shape = (d_in, d_out) if in_out else (d_out, d_in)
+        self.weight = nn.Parameter(torch.randn(*shape) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
+
+
+class MatMulLinear(_OwnLinear):
     """``x @ W (+ b)`` with ``W`` stored ``[in, out]``: the graph's ``aten.matmul``, layout ``"in_out"``."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_in, d_out) / math.sqrt(d_in))
-        self.bias = nn.Parameter(torch.randn(d_out) * 0.1) if bias else None
+        super().__init__(d_in, d_out, bias, in_out=True)
 
     def forward(self, x):
         y = x @ self.weight
         return y + self.bias if self.bias is not None else y
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [out, in], bias or None)``: the layer as ``x W^T + b``, for reference computations."""
+        return self.weight.T, self.bias
+
+
+class FunctionalLinear(_OwnLinear):
+    """``F.linear(x, W, b)`` with ``W`` stored ``[out, in]``: ``aten.linear``, layout ``"out_in"``."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__(d_in, d_out, bias, in_out=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [out, in], bias or None)``, as :meth:`MatMulLinear.dense`."""
+        return self.weight, self.bias
+
+
+class MatMulTLinear(_OwnLinear):
+    """``x @ W.T (+ b)`` with ``W`` stored ``[out, in]``: ``aten.matmul`` on a transpose, layout ``"out_in"``."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__(d_in, d_out, bias, in_out=False)
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [out, in], bias or None)``, as :meth:`MatMulLinear.dense`."""
+        return self.weight, self.bias
+
+
+#: MLP layer forms: ``nn.Linear``, ``x @ W`` (``[in, out]``), ``F.linear`` and ``x @ W.T`` (``[out, in]``).
+FORMS = {"linear": nn.Linear, "matmul": MatMulLinear, "flinear": FunctionalLinear, "matmul_t": MatMulTLinear}
+
 
 def _layer(form: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
-    if form == "linear":
-        layer = nn.Linear(d_in, d_out, bias=bias)
-        if bias:  # nn.Linear's default bias init is tiny for small fan-in; make it count
-            nn.init.normal_(layer.bias, std=0.1)
-        return layer
-    if form == "matmul":
-        return MatMulLinear(d_in, d_out, bias)
-    raise ValueError(f"unknown layer form {form!r}; use 'linear' or 'matmul'")
+    if form not in FORMS:
+        raise ValueError(f"unknown layer form {form!r}; use one of {sorted(FORMS)}")
+    layer = FORMS[form](d_in, d_out, bias=bias)
+    if form == "linear" and bias:  # nn.Linear's default bias init is tiny for small fan-in; make it count
+        nn.init.normal_(layer.bias, std=0.1)
+    return layer
 
 
 class TinyMLP(nn.Module):
@@ -184,8 +231,9 @@ def models(draw, kinds=("mlp", "transformer"), dtypes=DTYPES, max_depth: int = 3
         dtypes: parameter dtypes to draw from.
         max_depth: most layers (MLP) or blocks (transformer, at most 2).
         max_width: most features in any MLP layer, transformer feed-forward or head.
-        forms: MLP layer forms: ``"linear"`` (``nn.Linear``, weight ``[out, in]``)
-            and ``"matmul"`` (``x @ W``, weight ``[in, out]``).
+        forms: MLP layer forms (:data:`FORMS`): ``"linear"`` (``nn.Linear``, weight ``[out, in]``),
+            ``"matmul"`` (``x @ W``, weight ``[in, out]``), ``"flinear"`` (``F.linear``) and
+            ``"matmul_t"`` (``x @ W.T``), both on the layer's own ``[out, in]`` weight.
         bias: True / False for every layer, or None to draw it per layer.
     """
     kind = draw(st.sampled_from(list(kinds)))
