@@ -231,9 +231,9 @@ def test_bad_adapter_names(two_adapters):
         cm.add_weighted_adapter(["default"], [1.0], "x", combination_type="ties")
 
 
-def test_merge_disable_unmerge_keeps_the_active_adapter_acting():
+def test_merge_disable_unmerge_keeps_the_active_adapter_acting(two_adapters):
     """Disabling while merged turns the gates off; unmerging must turn them back on."""
-    cm, base = _two_adapters()
+    cm, base = two_adapters
     ids, mask = padded_batch(2, 6)
     before = cm(input_ids=ids, attention_mask=mask).logits
     cm.merge()
