@@ -15,6 +15,7 @@ from .compiled import CompiledModel
 from .errors import PeftcError, RuleError
 from .formats.peft import load_tensors, read_checkpoint
 from .peft_config import peft_type, supported_peft_types
+from .rules import load_rules
 
 
 def compile(
@@ -90,6 +91,7 @@ def from_pretrained(
         rules = config
         if peft_type(config) == "PREFIX_TUNING":  # the saved table is already projected
             rules = {**config, "prefix_projection": False}
+    rules = load_rules(rules, model)  # a config peftc can't read is reported as such, not as a misfit
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         cm = CompiledModel(model, rules, example_inputs, adapter_name=adapter_name, trainable=is_trainable,
