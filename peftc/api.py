@@ -1,21 +1,22 @@
-"""The entry points: :func:`compile` and :func:`from_pretrained`.
+"""The entry points: :func:`compile` and :func:`from_pretrained`, and PEFT's names for them.
 
-Both hand over to :class:`~peftc.compiled.CompiledModel`, which traces the
-model, matches the rules and builds the adapters' state.
+All hand over to :class:`~peftc.compiled.CompiledModel`, which traces the
+model, matches the rules and builds the adapters' state. A PEFT user migrates
+by changing an import: ``get_peft_model``, ``PeftModel.from_pretrained`` and
+the ``AutoPeftModelFor...`` classes take PEFT's arguments.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
 from .compiled import CompiledModel
-from .errors import PeftcError, RuleError
-from .formats.peft import load_tensors, read_checkpoint
-from .peft_config import peft_type, supported_peft_types
-from .rules import load_rules
+from .errors import PeftcError
+from .formats.peft import CONFIG_NAME, read_checkpoint
 
 
 def compile(
@@ -83,31 +84,77 @@ def from_pretrained(
             checkpoint for another model (naming the keys and shapes that don't
             fit). The model is left as it was.
     """
-    config, tensors = read_checkpoint(adapter_dir)
-    if peft_type(config) not in supported_peft_types():
-        raise PeftcError(f"{adapter_dir}: unknown peft_type {config.get('peft_type')!r}; "
-                         f"peftc loads {', '.join(supported_peft_types())}")
-    if rules is None:
-        rules = config
-        if peft_type(config) == "PREFIX_TUNING":  # the saved table is already projected
-            rules = {**config, "prefix_projection": False}
-    rules = load_rules(rules, model)  # a config peftc can't read is reported as such, not as a misfit
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        cm = CompiledModel(model, rules, example_inputs, adapter_name=adapter_name, trainable=is_trainable,
-                           **compile_kwargs)
-        load_tensors(cm, adapter_name, tensors, str(adapter_dir))
-    except RuleError as e:
-        _restore(model, flags)
-        raise PeftcError(f"the adapter in {adapter_dir} doesn't fit {type(model).__name__}: {e}") from e
-    except BaseException:
-        _restore(model, flags)
-        raise
-    if not is_trainable:
-        cm.eval()
-    return cm
+    return CompiledModel.from_pretrained(model, adapter_dir, example_inputs, is_trainable, adapter_name, rules,
+                                         **compile_kwargs)
 
 
-def _restore(model: nn.Module, flags: dict[str, bool]) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(flags.get(name, p.requires_grad))
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **compile_options) -> CompiledModel:
+    """PEFT's ``get_peft_model``: :func:`compile` with a PEFT config (object, dict or file).
+
+    ``compile_options`` are :func:`compile`'s (``example_inputs``, ``backend``, ...).
+    """
+    return compile(model, peft_config, adapter_name=adapter_name, **compile_options)
+
+
+# The transformers auto class that builds the base model, by PEFT task type.
+_AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                 "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+class AutoPeftModel:
+    """PEFT's ``AutoPeftModel``: load the base model an adapter names, then the adapter.
+
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` reads
+    ``base_model_name_or_path`` from the adapter's config, builds the base with
+    transformers' matching auto class (``AutoModelForCausalLM``), and returns
+    :func:`from_pretrained` of the adapter on it. ``AutoPeftModel`` itself picks
+    the class from the config's ``task_type``.
+    """
+
+    task_type: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, example_inputs=None, backend="inductor",
+                        **model_kwargs) -> CompiledModel:
+        """Arguments:
+            model_kwargs: for the base model's ``from_pretrained`` (``dtype=...``, ``local_files_only=True``).
+        """
+        import transformers
+
+        config, _ = read_checkpoint(adapter_dir)  # the whole checkpoint checked before the base loads
+        task = cls.task_type or str(config.get("task_type") or "").rsplit(".", 1)[-1].upper()
+        if task not in _AUTO_CLASSES:
+            raise PeftcError(f"{Path(adapter_dir) / CONFIG_NAME} has task_type {config.get('task_type')!r}; "
+                             f"use the AutoPeftModelFor... class of the model's task")
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise PeftcError(f"{Path(adapter_dir) / CONFIG_NAME} names no base_model_name_or_path; load the base "
+                             "model yourself and call peftc.from_pretrained(model, adapter_dir)")
+        model = getattr(transformers, _AUTO_CLASSES[task]).from_pretrained(base, **model_kwargs)
+        return from_pretrained(model, adapter_dir, example_inputs, is_trainable, adapter_name, backend=backend)
+
+
+class AutoPeftModelForCausalLM(AutoPeftModel):
+    task_type = "CAUSAL_LM"
+
+
+class AutoPeftModelForSeq2SeqLM(AutoPeftModel):
+    task_type = "SEQ_2_SEQ_LM"
+
+
+class AutoPeftModelForSequenceClassification(AutoPeftModel):
+    task_type = "SEQ_CLS"
+
+
+class AutoPeftModelForTokenClassification(AutoPeftModel):
+    task_type = "TOKEN_CLS"
+
+
+class AutoPeftModelForQuestionAnswering(AutoPeftModel):
+    task_type = "QUESTION_ANS"
+
+
+class AutoPeftModelForFeatureExtraction(AutoPeftModel):
+    task_type = "FEATURE_EXTRACTION"

@@ -16,19 +16,22 @@ save/export facades.
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from .boundary import as_keywords
-from .errors import MergeError, RuleError
+from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
 from .passes.merge import Folded, fold, refold, remove_biases, unfold
+from .peft_config import adapter_config
 from .program import Program, Programs
-from .rules import match_rules
+from .rules import checkpoint_rules, load_rules, match_rules
 from .state import BASE, AdapterState, Placement, train_biases
 from .trace import Trace, call_inputs, signature, trace, with_defaults
 
@@ -65,6 +68,19 @@ class CompiledModel(nn.Module):
         self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
         self.set_adapter(adapter_name)
         self.state.update_trainability()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, example_inputs=None,
+                        is_trainable: bool = False, adapter_name: str = "default", rules=None,
+                        **compile_kwargs) -> CompiledModel:
+        """:func:`peftc.from_pretrained` (PEFT's ``PeftModel.from_pretrained``)."""
+        config, tensors = peft_format.read_checkpoint(adapter_dir)
+        rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
+        with _fitting(model, adapter_dir):
+            cm = cls(model, rules, example_inputs, adapter_name=adapter_name, trainable=is_trainable,
+                     **compile_kwargs)
+            peft_format.load_tensors(cm, adapter_name, tensors, str(adapter_dir))
+        return cm if is_trainable else cm.eval()
 
     # -- calling ----------------------------------------------------------------
 
@@ -169,9 +185,41 @@ class CompiledModel(nn.Module):
         """Add adapter ``name`` from ``rules`` (any form :func:`peftc.load_rules` takes), inactive.
 
         Call :meth:`set_adapter` to use it. Graphs already built gain its
-        (gated-off) nodes, which compiles them again once.
+        (gated-off) nodes, which compiles them again once. A saved adapter's
+        folder (config and weights) is loaded, weights included, and trains
+        (:meth:`load_adapter` with ``is_trainable=True``).
         """
+        if isinstance(rules, (str, os.PathLike)) and (Path(rules) / peft_format.WEIGHTS_NAME).is_file():
+            if modules_to_save:
+                raise RuleError("add_adapter(name, saved_folder) takes modules_to_save from the saved config; "
+                                "don't pass modules_to_save")
+            self.load_adapter(rules, name, is_trainable=True)
+            return
         self._add(name, rules, modules_to_save)
+        self.programs.rebuild(self._folded)
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     rules=None) -> None:
+        """Add a saved adapter (PEFT's or peftc's format), weights and all, inactive (PEFT's ``load_adapter``).
+
+        Arguments:
+            is_trainable: whether it trains when active; by default it is frozen.
+            rules: only for adapters on pattern-matched sites (see :func:`peftc.from_pretrained`).
+
+        Raises:
+            PeftcError: a missing or corrupt file, or an adapter for another model (naming the
+                keys and shapes that don't fit). The model is left as it was.
+        """
+        config, tensors = peft_format.read_checkpoint(adapter_dir)
+        model = self.base_model
+        rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
+        with _fitting(model, adapter_dir):
+            self._add(adapter_name, rules, None, is_trainable)
+            try:
+                peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir))
+            except BaseException:
+                self.state.delete(adapter_name)
+                raise
         self.programs.rebuild(self._folded)
 
     def _add(self, name: str, rules, modules_to_save, trainable: bool = True, freeze_base: bool = False) -> None:
@@ -223,17 +271,29 @@ class CompiledModel(nn.Module):
         if self.state.disabled:
             yield
             return
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model until :meth:`enable_adapter_layers` (PEFT's name); see :meth:`disable_adapter`."""
+        if self.state.disabled:
+            return
         self.state.disabled = True
         if self._folded is not None:
             unfold(self.base_model, self._folded)
         self._write_gates()
-        try:
-            yield
-        finally:
-            self.state.disabled = False
-            if self._folded is not None:
-                refold(self.base_model, self._folded)
-            self._write_gates()
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the active adapters act again."""
+        if not self.state.disabled:
+            return
+        self.state.disabled = False
+        if self._folded is not None:
+            refold(self.base_model, self._folded)
+        self._write_gates()
 
     @contextmanager
     def mixed_batch(self, adapter_names: list[str], batch_size: int):
@@ -343,6 +403,62 @@ class CompiledModel(nn.Module):
         self.merge(safe=safe, progress=progress)
         return self.base_model
 
+    def merge_adapter(self, safe: bool = False) -> None:
+        """PEFT's name for :meth:`merge`."""
+        self.merge(safe=safe)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`unmerge`."""
+        self.unmerge()
+
+    def unload(self) -> nn.Module:
+        """The user's own model object, without adapters and without merging (PEFT's ``unload``).
+
+        Unmerged, it holds its original weights; merged, the merged ones (as in PEFT).
+        Its adapters live in this compiled model, which stays usable.
+        """
+        return self.base_model
+
+    # -- PEFT's PeftModel surface ------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (its weights are the graph's; unmerged it holds no adapter)."""
+        return self.base_model
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """PEFT's ``active_adapter``: the active adapter's name, or a list when several are."""
+        active = self.state.active
+        return active[0] if len(active) == 1 else list(active)
+
+    @property
+    def peft_config(self) -> dict[str, dict]:
+        """Each adapter's config as it would be saved (``adapter_config.json``), by name.
+
+        PEFT's own config objects come from ``peft.PeftConfig.from_peft_type(**cm.peft_config[name])``
+        for the kinds PEFT holds (``peft_type`` LORA, PROMPT_TUNING, PREFIX_TUNING)."""
+        return {name: adapter_config(self, name) for name in self.adapters}
+
+    @property
+    def config(self):
+        """The base model's config (transformers models)."""
+        return getattr(self.base_model, "config", None)
+
+    @property
+    def generation_config(self):
+        return getattr(self.base_model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base_model.parameters()).dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
     # -- saving and exporting ---------------------------------------------------
 
     def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
@@ -359,6 +475,24 @@ class CompiledModel(nn.Module):
         See :func:`peftc.formats.export.export` for what each format holds.
         """
         return export_format.export(self, path, format, example_inputs, **options)
+
+
+PeftModel = CompiledModel  # PEFT's name: ``peftc.PeftModel.from_pretrained(model, adapter_dir)``
+
+
+@contextmanager
+def _fitting(model: nn.Module, adapter_dir):
+    """Loading a saved adapter: on failure, restore the model's ``requires_grad`` flags, and
+    report a rule that finds no fit as an adapter saved for another model."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        yield
+    except BaseException as e:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
+        if isinstance(e, RuleError):
+            raise PeftcError(f"the adapter in {adapter_dir} doesn't fit {type(model).__name__}: {e}") from e
+        raise
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:

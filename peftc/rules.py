@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from . import match, peft_config
 from .adapters.base import Adapter, Rule, adapter_from_config
-from .errors import RuleError
+from .errors import PeftcError, RuleError
 from .sites import Site
 
 
@@ -225,3 +225,25 @@ def _module_paths(model: nn.Module, names: list[str]) -> list[str]:
             raise RuleError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
         paths += [p for p in hits if not any(p.startswith(q + ".") for q in hits)]
     return paths
+
+
+def checkpoint_rules(config: dict, model: nn.Module | None, source: str = "") -> RuleSet:
+    """The rules that rebuild a saved adapter so its saved tensors can be loaded into it.
+
+    Initialisation is moot when the weights come from the file, so nothing is
+    built for it: a text-initialised prompt adapter needs no tokenizer (none is
+    loaded, and nothing a config names is imported), and a prefix adapter's
+    saved table is already projected.
+
+    Raises:
+        PeftcError: a ``peft_type`` peftc doesn't load.
+    """
+    kind = peft_config.peft_type(config)
+    if kind not in peft_config.supported_peft_types():
+        raise PeftcError(f"{source or 'the adapter config'}: unknown peft_type {config.get('peft_type')!r}; "
+                         f"peftc loads {', '.join(peft_config.supported_peft_types())}")
+    if kind == "PROMPT_TUNING":
+        config = {**config, "prompt_tuning_init": "RANDOM"}
+    elif kind == "PREFIX_TUNING":
+        config = {**config, "prefix_projection": False}
+    return load_rules(config, model)
