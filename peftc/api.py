@@ -124,10 +124,11 @@ class AutoPeftModel:
         import transformers
 
         config, _ = read_checkpoint(adapter_dir)  # the whole checkpoint checked before the base loads
-        task = cls.task_type or str(config.get("task_type") or "").rsplit(".", 1)[-1].upper()
-        if task not in _AUTO_CLASSES:
-            raise PeftcError(f"{Path(adapter_dir) / CONFIG_NAME} has task_type {config.get('task_type')!r}; "
-                             f"use the AutoPeftModelFor... class of the model's task")
+        saved = str(config.get("task_type") or "").rsplit(".", 1)[-1].upper() or None
+        task = cls.task_type or saved
+        if task not in _AUTO_CLASSES or (saved is not None and saved != task):
+            raise PeftcError(f"{Path(adapter_dir) / CONFIG_NAME} has task_type {config.get('task_type')!r}, and "
+                             f"{cls.__name__} loads {task}; use the AutoPeftModelFor... class of the adapter's task")
         base = config.get("base_model_name_or_path")
         if not base:
             raise PeftcError(f"{Path(adapter_dir) / CONFIG_NAME} names no base_model_name_or_path; load the base "
