@@ -403,13 +403,8 @@ class CompiledModel(nn.Module):
         self.merge(safe=safe, progress=progress)
         return self.base_model
 
-    def merge_adapter(self, safe: bool = False) -> None:
-        """PEFT's name for :meth:`merge`."""
-        self.merge(safe=safe)
-
-    def unmerge_adapter(self) -> None:
-        """PEFT's name for :meth:`unmerge`."""
-        self.unmerge()
+    merge_adapter = merge  # PEFT's names
+    unmerge_adapter = unmerge
 
     def unload(self) -> nn.Module:
         """The user's own model object, without adapters and without merging (PEFT's ``unload``).
