@@ -9,6 +9,7 @@ the adapter state at ``peftc.``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import nn
@@ -43,4 +44,24 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     if not args:
         return kwargs
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    return dict(bound.arguments)
+    out = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def needs_boundary(model: nn.Module, kwargs: dict) -> bool:
+    """Whether some keyword inputs only reach the forward through its ``**kwargs``
+    (transformers' ``num_items_in_batch``): ``torch.export`` can't give those dynamic
+    shapes, so such calls are traced through the boundary, which takes one dict."""
+    params = _parameters(type(model))
+    return not all(k in params for k in kwargs)
+
+
+@functools.cache
+def _parameters(model_class: type) -> frozenset[str]:
+    sig = inspect.signature(model_class.forward)
+    return frozenset(n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)

@@ -16,6 +16,8 @@ save/export facades.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .boundary import as_keywords
+from .boundary import as_keywords, needs_boundary
 from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
@@ -68,6 +70,7 @@ class CompiledModel(nn.Module):
         self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
         self.set_adapter(adapter_name)
         self.state.update_trainability()
+        self.__class__ = _showing_signature_of(type(model))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, example_inputs=None,
@@ -101,7 +104,7 @@ class CompiledModel(nn.Module):
     def _select(self, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict]:
         rewrites = self.state.rewrites(self.state.active_names)
         kwargs = with_defaults(self.base_model, kwargs)
-        if rewrites:  # the input boundary takes keywords only
+        if rewrites or needs_boundary(self.base_model, kwargs):  # the input boundary takes keywords only
             args, kwargs = (), as_keywords(self.base_model, args, kwargs)
         return self.programs.select(args, kwargs, rewrites, self._folded), args, kwargs
 
@@ -470,6 +473,32 @@ class CompiledModel(nn.Module):
         See :func:`peftc.formats.export.export` for what each format holds.
         """
         return export_format.export(self, path, format, example_inputs, **options)
+
+
+@functools.cache
+def _showing_signature_of(model_class: type) -> type[CompiledModel]:
+    """A :class:`CompiledModel` subclass whose ``forward`` shows ``model_class.forward``'s
+    parameters (and ``adapter_names``), as ``torch.fx.GraphModule`` makes a class per graph.
+
+    Tools read a model's signature off its class and its ``forward``: transformers'
+    ``Trainer`` keeps the dataset columns the forward takes, finds label names in it,
+    and passes loss arguments (``num_items_in_batch``) when it takes ``**kwargs``.
+    """
+    try:
+        sig = inspect.signature(model_class.forward)
+    except (TypeError, ValueError):
+        return CompiledModel
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if "adapter_names" not in sig.parameters:
+        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params += [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+
+    def forward(self, *args, **kwargs):
+        return CompiledModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=params)
+    forward.__doc__ = CompiledModel.forward.__doc__
+    return type(CompiledModel.__name__, (CompiledModel,), {"forward": forward, "__module__": __name__})
 
 
 PeftModel = CompiledModel  # PEFT's name: ``peftc.PeftModel.from_pretrained(model, adapter_dir)``

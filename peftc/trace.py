@@ -21,7 +21,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from .boundary import MODEL_PREFIX, Boundary
+from .boundary import MODEL_PREFIX, Boundary, needs_boundary
 from .errors import PeftcError, TraceError, first_line
 
 
@@ -101,6 +101,7 @@ class Trace:
     signature: Signature
     kwarg_order: tuple[str, ...]
     rewrites: tuple[str, ...] = ()
+    boundary: bool = False  # traced through the input boundary, which takes the keyword inputs as one dict
 
     @property
     def key(self) -> tuple[Signature, tuple[str, ...]]:
@@ -111,11 +112,6 @@ class Trace:
     def training(self) -> bool:
         """Whether this trace is of the model in training mode."""
         return self.signature.training
-
-    @property
-    def boundary(self) -> bool:
-        """Traced through the input boundary, which takes the keyword inputs as one dict."""
-        return bool(self.rewrites)
 
     @property
     def prefix(self) -> str:
@@ -186,6 +182,11 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
     Raises:
         TraceError: naming the model, the inputs, the reason, and what to try.
     """
+    if boundary is None and needs_boundary(model, kwargs):
+        if args:
+            raise TraceError(f"{type(model).__name__}: pass every input by keyword when passing "
+                             f"{sorted(set(kwargs) - set(inspect.signature(model.forward).parameters))}")
+        boundary = Boundary(model, nn.Module(), [])
     try:
         if boundary is not None:  # it takes the keyword inputs as one dict
             dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
@@ -197,7 +198,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
         raise
     except Exception as e:
         raise TraceError(_explain(model, args, kwargs, e)) from e
-    return Trace(ep, sig, tuple(kwargs), boundary.targets if boundary is not None else ())
+    return Trace(ep, sig, tuple(kwargs), boundary.targets if boundary is not None else (), boundary is not None)
 
 
 def _dim_spec(v):
