@@ -44,3 +44,12 @@ from .sites import Site as Site
 from .state import Placement as Placement
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # peftc.Trainer imports transformers' Trainer (seconds): only when asked for.
+    if name == "Trainer":
+        from .integrations.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'peftc' has no attribute {name!r}")

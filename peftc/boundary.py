@@ -9,9 +9,6 @@ the adapter state at ``peftc.``.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 from torch import nn
 
 MODEL_PREFIX = "model."  # where the model sits in a traced boundary's graph
@@ -37,31 +34,3 @@ class Boundary(nn.Module):
         for adapter, target in self._rewrites:
             kwargs = adapter.rewrite_inputs(self.model, self.peftc.get_submodule(target), dict(kwargs))
         return self.model(**kwargs)
-
-
-def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Bind positional arguments to the model's parameter names."""
-    if not args:
-        return kwargs
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    out = {}
-    for name, value in bound.arguments.items():
-        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        else:
-            out[name] = value
-    return out
-
-
-def needs_boundary(model: nn.Module, kwargs: dict) -> bool:
-    """Whether some keyword inputs only reach the forward through its ``**kwargs``
-    (transformers' ``num_items_in_batch``): ``torch.export`` can't give those dynamic
-    shapes, so such calls are traced through the boundary, which takes one dict."""
-    params = _parameters(type(model))
-    return not all(k in params for k in kwargs)
-
-
-@functools.cache
-def _parameters(model_class: type) -> frozenset[str]:
-    sig = inspect.signature(model_class.forward)
-    return frozenset(n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)

@@ -16,8 +16,6 @@ save/export facades.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -26,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .boundary import as_keywords, needs_boundary
 from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
@@ -34,8 +31,9 @@ from .passes.merge import Folded, fold, refold, remove_biases, unfold
 from .peft_config import adapter_config
 from .program import Program, Programs
 from .rules import checkpoint_rules, load_rules, match_rules
+from .signature import as_keywords, needs_boundary, showing_signature_of
 from .state import BASE, AdapterState, Placement, train_biases
-from .trace import Trace, call_inputs, signature, trace, with_defaults
+from .trace import call_inputs, signature, trace, with_defaults
 
 
 class CompiledModel(nn.Module):
@@ -70,7 +68,7 @@ class CompiledModel(nn.Module):
         self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
         self.set_adapter(adapter_name)
         self.state.update_trainability()
-        self.__class__ = _showing_signature_of(type(model))
+        self.__class__ = showing_signature_of(CompiledModel, type(model))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, example_inputs=None,
@@ -115,10 +113,6 @@ class CompiledModel(nn.Module):
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:
         """The adapted graph that a call with these inputs runs (tracing it if needed)."""
         return self.program_for(*args, **kwargs).gm
-
-    def traces(self) -> list[Trace]:
-        """Every trace the model holds (see :meth:`Programs.traces <peftc.program.Programs.traces>`)."""
-        return self.programs.traces()
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces buffers the graphs captured: trace again on the next call.
@@ -204,6 +198,7 @@ class CompiledModel(nn.Module):
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      rules=None) -> None:
         """Add a saved adapter (PEFT's or peftc's format), weights and all, inactive (PEFT's ``load_adapter``).
+        Given the name of an existing adapter, load the saved weights into it instead.
 
         Arguments:
             is_trainable: whether it trains when active; by default it is frozen.
@@ -214,6 +209,11 @@ class CompiledModel(nn.Module):
                 keys and shapes that don't fit). The model is left as it was.
         """
         config, tensors = peft_format.read_checkpoint(adapter_dir)
+        if adapter_name in self.adapters:
+            peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir))  # all or nothing
+            self.state.records[adapter_name].trainable = is_trainable
+            self.state.update_trainability()
+            return
         model = self.base_model
         rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
         with _fitting(model, adapter_dir):
@@ -473,32 +473,6 @@ class CompiledModel(nn.Module):
         See :func:`peftc.formats.export.export` for what each format holds.
         """
         return export_format.export(self, path, format, example_inputs, **options)
-
-
-@functools.cache
-def _showing_signature_of(model_class: type) -> type[CompiledModel]:
-    """A :class:`CompiledModel` subclass whose ``forward`` shows ``model_class.forward``'s
-    parameters (and ``adapter_names``), as ``torch.fx.GraphModule`` makes a class per graph.
-
-    Tools read a model's signature off its class and its ``forward``: transformers'
-    ``Trainer`` keeps the dataset columns the forward takes, finds label names in it,
-    and passes loss arguments (``num_items_in_batch``) when it takes ``**kwargs``.
-    """
-    try:
-        sig = inspect.signature(model_class.forward)
-    except (TypeError, ValueError):
-        return CompiledModel
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    if "adapter_names" not in sig.parameters:
-        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
-    params += [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-
-    def forward(self, *args, **kwargs):
-        return CompiledModel.forward(self, *args, **kwargs)
-
-    forward.__signature__ = sig.replace(parameters=params)
-    forward.__doc__ = CompiledModel.forward.__doc__
-    return type(CompiledModel.__name__, (CompiledModel,), {"forward": forward, "__module__": __name__})
 
 
 PeftModel = CompiledModel  # PEFT's name: ``peftc.PeftModel.from_pretrained(model, adapter_dir)``

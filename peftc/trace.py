@@ -21,8 +21,9 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from .boundary import MODEL_PREFIX, Boundary, needs_boundary
+from .boundary import MODEL_PREFIX, Boundary
 from .errors import PeftcError, TraceError, first_line
+from .signature import needs_boundary
 
 
 def call_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict]:

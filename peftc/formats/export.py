@@ -47,10 +47,10 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from ..boundary import as_keywords
 from ..errors import MergeError, PeftcError, first_line
 from ..passes.merge import mergeable_or_raise, missing_biases
 from ..quiet import quiet
+from ..signature import as_keywords
 from ..trace import call_inputs, default_inputs, with_defaults
 from .verify import ExportResult, flatten_outputs, other_batch, verify_artifact
 
@@ -235,7 +235,7 @@ def _example_kwargs(cm, example_inputs) -> dict:
 
 def _trace_inputs(cm) -> tuple[tuple, dict]:
     """The inputs of a trace cm already has (eval traces first), or the default batch."""
-    for t in sorted(cm.traces(), key=lambda t: t.training):  # eval traces first
+    for t in sorted(cm.programs.traces(), key=lambda t: t.training):  # eval traces first
         example = getattr(t.ep, "example_inputs", None)
         if not example:
             continue

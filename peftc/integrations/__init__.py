@@ -1,0 +1,1 @@
+"""Glue for the tools people train with: transformers' Trainer (and what builds on it, TRL)."""
