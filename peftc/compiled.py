@@ -447,6 +447,11 @@ class CompiledModel(nn.Module):
         return getattr(self.base_model, "generation_config", None)
 
     @property
+    def loss_type(self) -> str | None:
+        """The base model's loss (``Trainer`` counts a causal LM's label tokens shifted by one)."""
+        return getattr(self.base_model, "loss_type", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 
