@@ -28,7 +28,7 @@ from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
 from .passes.merge import Folded, fold, refold, remove_biases, unfold
-from .peft_config import adapter_config
+from .peft_surface import PeftSurface
 from .program import Program, Programs
 from .rules import checkpoint_rules, load_rules, match_rules
 from .signature import as_keywords, needs_boundary, showing_signature_of
@@ -36,7 +36,7 @@ from .state import BASE, AdapterState, Placement, train_biases
 from .trace import call_inputs, signature, trace, with_defaults
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(PeftSurface, nn.Module):
     """The user's model with adapters inserted into its traced graph.
 
     Call it as the model (``cm(input_ids=..., labels=...)``); it returns what
@@ -405,62 +405,6 @@ class CompiledModel(nn.Module):
         """Merge, then return the user's own model object, now holding the merged weights."""
         self.merge(safe=safe, progress=progress)
         return self.base_model
-
-    merge_adapter = merge  # PEFT's names
-    unmerge_adapter = unmerge
-
-    def unload(self) -> nn.Module:
-        """The user's own model object, without adapters and without merging (PEFT's ``unload``).
-
-        Unmerged, it holds its original weights; merged, the merged ones (as in PEFT).
-        Its adapters live in this compiled model, which stays usable.
-        """
-        return self.base_model
-
-    # -- PEFT's PeftModel surface ------------------------------------------------
-
-    def get_base_model(self) -> nn.Module:
-        """The user's model (its weights are the graph's; unmerged it holds no adapter)."""
-        return self.base_model
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """PEFT's ``active_adapter``: the active adapter's name, or a list when several are."""
-        active = self.state.active
-        return active[0] if len(active) == 1 else list(active)
-
-    @property
-    def peft_config(self) -> dict[str, dict]:
-        """Each adapter's config as it would be saved (``adapter_config.json``), by name.
-
-        PEFT's own config objects come from ``peft.PeftConfig.from_peft_type(**cm.peft_config[name])``
-        for the kinds PEFT holds (``peft_type`` LORA, PROMPT_TUNING, PREFIX_TUNING)."""
-        return {name: adapter_config(self, name) for name in self.adapters}
-
-    @property
-    def config(self):
-        """The base model's config (transformers models)."""
-        return getattr(self.base_model, "config", None)
-
-    @property
-    def generation_config(self):
-        return getattr(self.base_model, "generation_config", None)
-
-    @property
-    def loss_type(self) -> str | None:
-        """The base model's loss (``Trainer`` counts a causal LM's label tokens shifted by one)."""
-        return getattr(self.base_model, "loss_type", None)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.base_model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.base_model.parameters()).dtype
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.get_input_embeddings()
 
     # -- saving and exporting ---------------------------------------------------
 

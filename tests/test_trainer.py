@@ -102,3 +102,11 @@ def test_peftc_trainer_saves_and_resumes_peft_adapter_folders(tmp_path):
     assert _losses(resumed) == pytest.approx(_losses(trainer), abs=1e-6)
     for key, value in final.items():
         torch.testing.assert_close(cm2.peftc.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_an_option_peftc_cannot_honour_is_named(pair, tmp_path):
+    """gradient_checkpointing=True is refused by name, not dropped in silence and not blamed on the inputs."""
+    _, cm = pair
+    trainer = Trainer(model=cm, args=_args(tmp_path, gradient_checkpointing=True), train_dataset=_data())
+    with pytest.raises(peftc.PeftcError, match="gradient checkpointing is not supported"):
+        trainer.train()

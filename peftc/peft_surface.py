@@ -1,0 +1,89 @@
+"""PEFT's ``PeftModel`` surface on a compiled model: PEFT's names, and the attributes tools read.
+
+Everything here is written over :class:`~peftc.CompiledModel`'s public API
+(``base_model``, ``adapters``, ``active_adapters``, ``merge``, ``unmerge``), so
+that third-party code written for PEFT (transformers' ``Trainer``, scripts)
+finds what it looks for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PeftcError
+from .peft_config import adapter_config
+
+
+class PeftSurface:
+    """Mixed into :class:`~peftc.CompiledModel`; uses only its public API."""
+
+    def merge_adapter(self, safe: bool = False) -> None:
+        """PEFT's name for :meth:`~peftc.CompiledModel.merge`."""
+        self.merge(safe=safe)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`~peftc.CompiledModel.unmerge`."""
+        self.unmerge()
+
+    def unload(self) -> nn.Module:
+        """The user's own model object, without adapters and without merging (PEFT's ``unload``).
+
+        Unmerged, it holds its original weights; merged, the merged ones (as in PEFT).
+        Its adapters live in this compiled model, which stays usable.
+        """
+        return self.base_model
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (its weights are the graph's; unmerged it holds no adapter)."""
+        return self.base_model
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """PEFT's ``active_adapter``: the active adapter's name, or a list when several are."""
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @property
+    def peft_config(self) -> dict[str, dict]:
+        """Each adapter's config as it would be saved (``adapter_config.json``), by name.
+
+        PEFT's own config objects come from ``peft.PeftConfig.from_peft_type(**cm.peft_config[name])``
+        for the kinds PEFT holds (``peft_type`` LORA, PROMPT_TUNING, PREFIX_TUNING)."""
+        return {name: adapter_config(self, name) for name in self.adapters}
+
+    @property
+    def config(self):
+        """The base model's config (transformers models)."""
+        return getattr(self.base_model, "config", None)
+
+    @property
+    def generation_config(self):
+        return getattr(self.base_model, "generation_config", None)
+
+    @property
+    def loss_type(self) -> str | None:
+        """The base model's loss (``Trainer`` counts a causal LM's label tokens shifted by one)."""
+        return getattr(self.base_model, "loss_type", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base_model.parameters()).dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Not supported yet: refused rather than dropped (the traced graph would keep every
+        activation). ``Trainer(gradient_checkpointing=True)`` calls this."""
+        raise PeftcError("gradient checkpointing is not supported by peftc yet: its graph would keep every "
+                         "activation anyway. Train without it (TrainingArguments(gradient_checkpointing=False)); "
+                         "a graph pass that recomputes each layer is planned")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
