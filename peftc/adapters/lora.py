@@ -7,9 +7,14 @@ because the adapter trains in float32 as PEFT's does)::
                                  ==>    xd = aten.dropout(x, p, True)      # training only
                                         a  = aten.linear(xd, lora_A)
                                         d  = aten.linear(a, lora_B)
-                                        s  = aten.where(gate, scaling, 0)   # per row
-                                        d  = aten.mul(d, s)
+                                        d  = aten.mul(d, scaling)
                                         y2 = aten.add(y, d)
+                                        y3 = aten.where(gate, y2, y)        # per row (peftc adds it)
+
+The gate *selects* the adapted output or the original one; it never multiplies.
+Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
+in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
+takes exactly one side, so an inactive or disabled adapter's values never do.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ class LoRA(Adapter):
     """
 
     kind = "lora"
-    gates_itself = True  # the gate zeroes the scaling: a scalar, not an activation
+    # peftc selects the output with the gate (``where(gate, y2, y)``): never gate by
+    # multiplying, or NaN/inf in an inactive adapter reaches the output as NaN * 0
+    gates_itself = False
 
     def __init__(self, r: int = 8, alpha: float = 8, dropout: float = 0.0, init=True,
                  use_rslora: bool = False, rank_pattern: dict | None = None,
@@ -117,7 +124,7 @@ class LoRA(Adapter):
             x = b.call(aten.dropout.default, x, self.dropout, True)
         a = b.call(aten.linear.default, x, b.param("lora_A"))
         d = b.call(aten.linear.default, a, b.param("lora_B"))
-        d = b.call(aten.mul.Tensor, d, b.gated(b.param("scaling"), b.y))
+        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
     def merge_delta(self, site, state, weights):
