@@ -80,6 +80,30 @@ def test_non_finite_inactive_or_disabled_adapters_never_reach_the_output(two_lla
         _exactly(run(), disabled)
 
 
+def test_non_finite_inactive_adapter_never_reaches_the_gradients():
+    """Training: the inactive adapter's rows of its own branch get no gradient either, so a
+    NaN in its A or B can't reach the active adapter's gradients (0 @ NaN is NaN)."""
+    torch.manual_seed(0)
+    cm = peftc.compile(make_llama(), [peftc.LoRA(r=4, init=False, dropout=0.1).on(QV)], backend="eager")
+    cm.add_adapter("other", [peftc.LoRA(r=2, init=False).on(peftc.linear(r".*\.(q|k)_proj"))])
+    cm.train()
+    ids, mask = padded_batch(3, 7)
+
+    def grads():
+        torch.manual_seed(1)  # the same dropout masks each time
+        cm.zero_grad(set_to_none=True)
+        loss = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.state.lora_A.grad for p in cm.sites if p.adapter_name == "default"]
+
+    loss, before = grads()
+    _poison(cm, "other")
+    poisoned_loss, after = grads()
+    _exactly(poisoned_loss, loss)
+    for a, b in zip(after, before, strict=True):
+        _exactly(a, b)
+
+
 def test_non_finite_inactive_bitfit_never_reaches_the_output():
     model = TinyMLP([6, 8, 5], ["linear", "matmul"], [False, True])
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,8 @@ At a linear site the graph gains (dtype casts only when the base is fp16/bf16,
 because the adapter trains in float32 as PEFT's does)::
 
     y = aten.linear(x, W, b)            y  = aten.linear(x, W, b)
-                                 ==>    xd = aten.dropout(x, p, True)      # training only
+                                 ==>    xg = aten.where(gate, x, 0)        # training only, per row
+                                        xd = aten.dropout(xg, p, True)     # training only
                                         a  = aten.linear(xd, lora_A)
                                         d  = aten.linear(a, lora_B)
                                         d  = aten.mul(d, scaling)
@@ -15,6 +16,9 @@ The gate *selects* the adapted output or the original one; it never multiplies.
 Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
 in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
 takes exactly one side, so an inactive or disabled adapter's values never do.
+Training graphs select the adapter's input the same way, so that the backward
+pass gives an inactive adapter's rows no gradient either: without it, ``0 @ NaN``
+would carry a NaN in its A or B into every gradient upstream.
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ class LoRA(Adapter):
     def emit(self, b, site):
         state_dtype = b.state.lora_A.dtype
         x = b.cast(b.x, state_dtype)
+        if b.training:  # backward too: an inactive adapter's rows pass no gradient, even 0 @ NaN
+            x = b.call(aten.where.ScalarOther, b.row_mask(b.x), x, 0)
         if b.training and self.dropout > 0:
             x = b.call(aten.dropout.default, x, self.dropout, True)
         a = b.call(aten.linear.default, x, b.param("lora_A"))
