@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_llama, padded_batch
+from conftest import assert_unchanged, make_llama, padded_batch, snapshot
 from torch import nn
 from torch.nn import functional as F
 
@@ -149,3 +149,129 @@ def test_active_lora_output_is_bit_identical_to_its_formula():
         mixed = cm(x, adapter_names=["b", "default", "__base__", "b"])
         for row, names in enumerate([["b"], ["default"], [], ["b"]]):
             _exactly(mixed[row], formula(names)[row])
+
+
+# -- 2. merge and unmerge are all-or-nothing -------------------------------------------------------
+
+
+class FlakyDelta(peftc.Adapter):
+    """``y + x D^T``: an additive kind whose merge or unmerge raises at chosen sites."""
+
+    kind = "test_flaky_delta"
+
+    def __init__(self):
+        self.fail_merge: set[str] = set()
+        self.fail_unmerge: set[str] = set()
+
+    def init_state(self, site):
+        state = nn.Module()
+        state.delta = nn.Parameter(0.05 * torch.randn(site.out_features, site.in_features))
+        return state
+
+    def emit(self, b, site):
+        return b.call(aten.add.Tensor, b.y, b.call(aten.linear.default, b.x, b.param("delta")))
+
+    def _delta(self, site, state, failing):
+        if site.weight_path in failing:
+            raise RuntimeError(f"can't compute the delta of {site.weight_path}")
+        d = state.delta.detach()
+        return {site.weight_name: d if site.layout == "out_in" else d.T}
+
+    def merge_delta(self, site, state, weights):
+        return self._delta(site, state, self.fail_merge)
+
+    def unmerge_delta(self, site, state, weights):
+        return self._delta(site, state, self.fail_unmerge)
+
+    def config(self):
+        return {"kind": self.kind}
+
+
+@pytest.fixture
+def flaky():
+    """A llama with a FlakyDelta on q/v (4 sites) and BitFit on the bias-less MLP (merging
+    creates biases), its third FlakyDelta site, and a function running it."""
+    torch.manual_seed(0)
+    spec = FlakyDelta()
+    cm = peftc.compile(make_llama(), [spec.on(QV), peftc.BitFit().on(peftc.linear(r".*mlp\.up_proj"))],
+                       backend="eager").eval()
+    with torch.no_grad():
+        for p in cm.sites:
+            if p.adapter.kind == "bitfit":
+                p.state.bias.normal_()
+    third = [p.site.weight_path for p in cm.sites if p.adapter is spec][2]
+    ids, mask = padded_batch(2, 6)
+    return cm, spec, third, lambda: cm(input_ids=ids, attention_mask=mask).logits
+
+
+class _InterruptWriting:
+    """Patch ``Tensor.copy_`` so that the first write into ``target`` raises KeyboardInterrupt."""
+
+    def __init__(self, monkeypatch, target: torch.Tensor):
+        original, self.fired = torch.Tensor.copy_, False
+
+        def copy_(tensor, src, *args, **kwargs):
+            if tensor is target and not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt
+            return original(tensor, src, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+def test_merge_delta_raising_merges_nothing(flaky):
+    cm, spec, third, run = flaky
+    before, out = snapshot(cm), run()
+    spec.fail_merge = {third}
+    with pytest.raises(RuntimeError, match="can't compute the delta"):
+        cm.merge()
+    assert not cm.merged
+    assert_unchanged(cm, before)
+    _exactly(run(), out)
+
+
+def test_merge_interrupted_while_writing_is_undone(flaky, monkeypatch):
+    cm, _, third, run = flaky
+    before, out = snapshot(cm), run()
+    interrupt = _InterruptWriting(monkeypatch, cm.base_model.get_parameter(third))
+    with pytest.raises(KeyboardInterrupt):
+        cm.merge()
+    assert interrupt.fired and not cm.merged
+    assert_unchanged(cm, before)  # the created MLP biases are gone too: same keys
+    _exactly(run(), out)
+    monkeypatch.undo()
+    cm.merge()  # and it still merges afterwards
+    torch.testing.assert_close(run(), out, atol=1e-5, rtol=0)
+
+
+def test_unmerge_delta_raising_leaves_the_model_merged(flaky):
+    cm, spec, third, run = flaky
+    out = run()
+    cm.merge()
+    merged_before, merged_out = snapshot(cm), run()
+    spec.fail_unmerge = {third}
+    with pytest.raises(RuntimeError, match="can't compute the delta"):
+        cm.unmerge()
+    assert cm.merged
+    assert_unchanged(cm, merged_before)
+    _exactly(run(), merged_out)
+    spec.fail_unmerge = set()
+    cm.unmerge()
+    assert not cm.merged
+    torch.testing.assert_close(run(), out, atol=1e-5, rtol=0)
+
+
+def test_unmerge_interrupted_while_writing_is_undone(flaky, monkeypatch):
+    cm, _, third, run = flaky
+    out = run()
+    cm.merge()
+    merged_before, merged_out = snapshot(cm), run()
+    interrupt = _InterruptWriting(monkeypatch, cm.base_model.get_parameter(third))
+    with pytest.raises(KeyboardInterrupt):
+        cm.unmerge()
+    assert interrupt.fired and cm.merged
+    assert_unchanged(cm, merged_before)
+    _exactly(run(), merged_out)
+    monkeypatch.undo()
+    cm.unmerge()
+    torch.testing.assert_close(run(), out, atol=1e-5, rtol=0)
