@@ -275,3 +275,25 @@ def test_unmerge_interrupted_while_writing_is_undone(flaky, monkeypatch):
     monkeypatch.undo()
     cm.unmerge()
     torch.testing.assert_close(run(), out, atol=1e-5, rtol=0)
+
+
+# -- 3. raw exceptions become PeftcErrors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("target_modules", r".*\.(q_proj"), ("exclude_modules", r"[model"), ("layers_pattern", "lay(ers"),
+    ("rank_pattern", {"q_proj(": 2}), ("alpha_pattern", {"*v_proj": 2}),
+])
+def test_invalid_regex_in_a_peft_config_is_a_rule_error(field, value):
+    model = make_llama()
+    before = snapshot(model)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], field: value}
+    with pytest.raises(peftc.RuleError, match=rf"{field}.*regular expression") as info:
+        peftc.compile(model, config, backend="eager")
+    assert type(info.value) is peftc.RuleError
+    assert_unchanged(model, before)
+
+
+def test_invalid_layers_pattern_in_a_selector_is_a_rule_error():
+    with pytest.raises(peftc.RuleError, match="layers_pattern.*regular expression"):
+        peftc.linear(layers=[0], layers_pattern="(h")

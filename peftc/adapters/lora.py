@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
+from ..match import compile_regex
 from .base import Adapter, widen
 
 aten = torch.ops.aten
@@ -91,6 +92,9 @@ class LoRA(Adapter):
             raise RuleError(f"LoRA dropout={dropout!r} must be in [0, 1)")
         if init not in _INITS:
             raise RuleError(f"LoRA init={init!r} must be one of {_INITS}")
+        for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in patterns:
+                compile_regex(key, f"{what} key", _PATTERN)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(
@@ -207,8 +211,11 @@ def _combine(how: str, group, weights: dict[str, float], new_rank: int):
     return a, b
 
 
+_PATTERN = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys to a module path
+
+
 def _pattern_value(patterns: dict, path: str, default):
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(_PATTERN.replace("{}", key), path):
             return value
     return default
