@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import peftc
+from peftc.formats import peft as peft_format
 from peftc.testing.strategies import TinyMLP
 
 aten = torch.ops.aten
@@ -297,3 +300,122 @@ def test_invalid_regex_in_a_peft_config_is_a_rule_error(field, value):
 def test_invalid_layers_pattern_in_a_selector_is_a_rule_error():
     with pytest.raises(peftc.RuleError, match="layers_pattern.*regular expression"):
         peftc.linear(layers=[0], layers_pattern="(h")
+
+
+def test_reading_a_file_as_an_adapter_folder(tmp_path):
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"x")
+    model = make_llama()
+    before = snapshot(model)
+    with pytest.raises(peftc.PeftcError, match="is a file.*folder") as info:
+        peftc.from_pretrained(model, path)
+    assert type(info.value) is peftc.PeftcError and "does not exist" not in str(info.value)
+    assert_unchanged(model, before)
+
+
+def test_saving_onto_an_existing_file(tmp_path):
+    cm = peftc.compile(make_llama(), [peftc.LoRA(r=2).on(QV)], backend="eager")
+    path = tmp_path / "taken"
+    path.write_text("mine")
+    with pytest.raises(peftc.PeftcError, match=f"{path}.*is a file") as info:
+        cm.save_pretrained(path)
+    assert type(info.value) is peftc.PeftcError
+    assert path.read_text() == "mine"
+    cm.add_adapter("b", [peftc.LoRA(r=2).on(QV)])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b").write_text("mine")  # where adapter "b"'s subfolder would go
+    with pytest.raises(peftc.PeftcError, match="b.*is a file"):
+        cm.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["b"] and (folder / "b").read_text() == "mine"
+
+
+# -- 4. save_pretrained replaces config and weights together ---------------------------------------
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A compiled llama with adapters "default" and "b" saved to tmp_path, then changed (so a
+    new save would differ in both files of both adapters)."""
+    cm = peftc.compile(make_llama(), [peftc.LoRA(r=2, init=False).on(QV)], backend="eager")
+    cm.add_adapter("b", [peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.k_proj"))])
+    cm.save_pretrained(tmp_path)
+    old = {"default": _files(tmp_path), "b": _files(tmp_path / "b")}
+    assert set(old["default"]) == set(old["b"]) == {peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME}
+    with torch.no_grad():
+        for p in cm.sites:
+            p.state.lora_B.add_(1.0)
+            p.state.lora_A.mul_(2.0)
+    for p in cm.sites:  # a new config, too: another dropout
+        p.adapter.dropout = 0.25
+    return cm, tmp_path, old
+
+
+def _assert_old_checkpoint(folder, old):
+    assert _files(folder) == old["default"]  # both files, byte for byte, and no temporary files
+    assert sorted(os.listdir(folder)) == sorted([*old["default"], "b"])
+    assert _files(folder / "b") == old["b"]
+    assert sorted(os.listdir(folder / "b")) == sorted(old["b"])
+
+
+def _partial_then(exc):
+    def write(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize("which", ["weights", "config"])
+def test_a_failed_save_leaves_the_previous_checkpoint(saved, monkeypatch, which, exc):
+    cm, folder, old = saved
+    calls = []
+    real = peft_format.save_file if which == "weights" else peft_format.write_config
+
+    def fail_on_second(*args, **kwargs):  # adapter "default" writes fine, "b" fails partway
+        path = args[1] if which == "weights" else args[0]  # save_file(tensors, path), write_config(path, config)
+        calls.append(path)
+        if len(calls) == 2:
+            return _partial_then(exc)(path)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_format, "save_file" if which == "weights" else "write_config", fail_on_second)
+    with pytest.raises(type(exc)):
+        cm.save_pretrained(folder)
+    assert len(calls) == 2
+    _assert_old_checkpoint(folder, old)
+
+
+def test_a_save_failing_between_renames_puts_the_old_files_back(saved, monkeypatch):
+    cm, folder, old = saved
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # after default's two files are in place, before b's
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save_pretrained(folder)
+    monkeypatch.undo()
+    _assert_old_checkpoint(folder, old)
+    cm.save_pretrained(folder)  # and a save that works replaces both
+    new = _files(folder)
+    assert new.keys() == old["default"].keys()
+    assert all(new[k] != old["default"][k] for k in new)
+    assert json.loads(new[peft_format.CONFIG_NAME])["lora_dropout"] == 0.25
+
+
+def test_a_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    cm = peftc.compile(make_llama(), [peftc.LoRA(r=2).on(QV)], backend="eager")
+    monkeypatch.setattr(peft_format, "write_config", _partial_then(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        cm.save_pretrained(tmp_path / "new" / "adapter")
+    assert not (tmp_path / "new" / "adapter").exists()
