@@ -103,8 +103,9 @@ def _from_prompt(config: dict, model) -> Translated:
         from transformers import AutoTokenizer
 
         path = config.get("tokenizer_name_or_path")
+        kwargs = _tokenizer_kwargs(config.get("tokenizer_kwargs"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **(config.get("tokenizer_kwargs") or {}))
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
@@ -112,6 +113,28 @@ def _from_prompt(config: dict, model) -> Translated:
                      config.get("prompt_tuning_init_text"), tokenizer)
     modules_to_save, task_type = _task_options(config)
     return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+# What a config may pass to AutoTokenizer.from_pretrained: nothing that can run code
+# (trust_remote_code, code_revision) or redirect loading.
+_TOKENIZER_KWARGS = ("revision", "use_fast", "subfolder")
+
+
+def _tokenizer_kwargs(kwargs) -> dict:
+    """A config's ``tokenizer_kwargs`` cut to :data:`_TOKENIZER_KWARGS`, warning about the rest."""
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise RuleError(f"tokenizer_kwargs={kwargs!r} must be a dict of keyword arguments")
+    dropped = sorted(k for k in kwargs if k not in _TOKENIZER_KWARGS)
+    if dropped:
+        warnings.warn(
+            f"ignoring tokenizer_kwargs {dropped} from the adapter config: a config can't choose how a "
+            f"tokenizer is loaded (trust_remote_code=True would run code from the tokenizer's folder); "
+            f"peftc passes only {list(_TOKENIZER_KWARGS)}. To load a tokenizer your way, build it "
+            "yourself and pass peftc.Prompt(init='text', text=..., tokenizer=tok)",
+            UserWarning, stacklevel=4)
+    return {k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS}
 
 
 def _from_prefix(config: dict, model) -> Translated:

@@ -419,3 +419,26 @@ def test_a_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         cm.save_pretrained(tmp_path / "new" / "adapter")
     assert not (tmp_path / "new" / "adapter").exists()
+
+
+# -- 5. no code execution from a config ------------------------------------------------------------
+
+
+def test_tokenizer_kwargs_from_a_config_never_trust_remote_code(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    calls = []
+
+    def fake_from_pretrained(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return lambda text: {"input_ids": [1, 2, 3]}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
+              "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "classify this",
+              "tokenizer_name_or_path": str(tmp_path),
+              "tokenizer_kwargs": {"trust_remote_code": True, "revision": "main", "use_fast": False,
+                                   "code_revision": "x", "auto_map": {"AutoTokenizer": "evil.Tok"}}}
+    with pytest.warns(UserWarning, match="trust_remote_code"):
+        rules = peftc.load_rules(config, make_llama())
+    assert calls == [(str(tmp_path), (), {"revision": "main", "use_fast": False})]
+    assert rules.rules[0].adapter.text == "classify this"
