@@ -104,6 +104,7 @@ class _Where(Selector):
         self.name, self.pattern, self.kinds = name, pattern, kinds
         self.layers = None if layers is None else _as_layers(layers)
         self.layers_pattern = layers_pattern
+        check_layers_pattern(layers_pattern)
         try:
             self._regex = None if pattern is None else re.compile(pattern)
         except re.error as e:
@@ -139,6 +140,28 @@ class _Predicate(Selector):
 
     def describe(self) -> str:
         return self.name
+
+
+def compile_regex(pattern: str, what: str, template: str = "{}") -> re.Pattern:
+    """``template`` with ``pattern`` in it, compiled: the regex a selector will match with.
+
+    Raises:
+        RuleError: naming ``what`` (the argument) when it is not a valid regular expression.
+    """
+    if not isinstance(pattern, str):
+        raise RuleError(f"{what}={pattern!r} must be a string (a regular expression)")
+    try:
+        return re.compile(template.replace("{}", pattern))
+    except re.error as e:
+        raise RuleError(f"{what}={pattern!r} is not a valid regular expression ({e}); fix it, "
+                        "or escape a literal name with re.escape") from e
+
+
+def check_layers_pattern(layers_pattern) -> None:
+    """Check ``layers_pattern`` (a name, a list of names, or None) as :func:`~peftc.sites.layer_index` uses it."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    for p in patterns:
+        compile_regex(p, "layers_pattern", r"(?:^|.*?\.){}\.(\d+)\.")
 
 
 def _as_layers(layers) -> frozenset[int]:

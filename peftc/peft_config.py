@@ -30,7 +30,7 @@ from .adapters.lora import LoRA
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
 from .errors import RuleError
-from .match import Selector, where
+from .match import Selector, check_layers_pattern, compile_regex, where
 from .sites import Site, layer_index
 
 NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
@@ -103,8 +103,9 @@ def _from_prompt(config: dict, model) -> Translated:
         from transformers import AutoTokenizer
 
         path = config.get("tokenizer_name_or_path")
+        kwargs = _tokenizer_kwargs(config.get("tokenizer_kwargs"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **(config.get("tokenizer_kwargs") or {}))
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
@@ -112,6 +113,28 @@ def _from_prompt(config: dict, model) -> Translated:
                      config.get("prompt_tuning_init_text"), tokenizer)
     modules_to_save, task_type = _task_options(config)
     return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+# What a config may pass to AutoTokenizer.from_pretrained: nothing that can run code
+# (trust_remote_code, code_revision) or redirect loading.
+_TOKENIZER_KWARGS = ("revision", "use_fast", "subfolder")
+
+
+def _tokenizer_kwargs(kwargs) -> dict:
+    """A config's ``tokenizer_kwargs`` cut to :data:`_TOKENIZER_KWARGS`, warning about the rest."""
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise RuleError(f"tokenizer_kwargs={kwargs!r} must be a dict of keyword arguments")
+    dropped = sorted(k for k in kwargs if k not in _TOKENIZER_KWARGS)
+    if dropped:
+        warnings.warn(
+            f"ignoring tokenizer_kwargs {dropped} from the adapter config: a config can't choose how a "
+            f"tokenizer is loaded (trust_remote_code=True would run code from the tokenizer's folder); "
+            f"peftc passes only {list(_TOKENIZER_KWARGS)}. To load a tokenizer your way, build it "
+            "yourself and pass peftc.Prompt(init='text', text=..., tokenizer=tok)",
+            UserWarning, stacklevel=4)
+    return {k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS}
 
 
 def _from_prefix(config: dict, model) -> Translated:
@@ -171,20 +194,29 @@ class _PeftTargets(Selector):
     """PEFT's module matching: target/exclude lists or regexes, layer filters."""
 
     def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save):
+        # every regex is compiled here, so a bad one is a RuleError naming its option before
+        # the model is touched (not a raw re.error from the middle of matching)
         self.targets, self.exclude = targets, exclude
         self.layers = [layers] if isinstance(layers, int) else layers
         self.layers_pattern, self.modules_to_save = layers_pattern, modules_to_save
+        self._targets = compile_regex(targets, "target_modules") if isinstance(targets, str) else None
+        self._exclude = compile_regex(exclude, "exclude_modules") if isinstance(exclude, str) else None
+        self._saved = [compile_regex(m, "modules_to_save", r"(^|.*\.){}($|\..*)") for m in modules_to_save]
+        check_layers_pattern(layers_pattern)
 
     def __call__(self, site: Site) -> bool:
         if not site.is_linear:
             return False
         key = site.path
-        if self.exclude and _names_match(self.exclude, key):
+        if self._exclude is not None:
+            if self._exclude.fullmatch(key):
+                return False
+        elif self.exclude and _names_match(self.exclude, key):
             return False
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
+        if any(m.match(key) for m in self._saved):
             return False
-        if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, key) is not None
+        if self._targets is not None:
+            return self._targets.fullmatch(key) is not None
         if key in self.targets:
             return True
         if not any(key.endswith(f".{t}") for t in self.targets):
@@ -201,8 +233,6 @@ class _PeftTargets(Selector):
 
 
 def _names_match(names, key: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
     return key in names or any(key.endswith(f".{n}") for n in names)
 
 

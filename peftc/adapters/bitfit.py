@@ -30,7 +30,9 @@ class BitFit(Adapter):
     """Bias-only tuning: a trainable bias delta per linear-like op (zeros at the start)."""
 
     kind = "bitfit"
-    gates_itself = True  # the gate zeroes the bias delta, not the activation
+    # the gate selects the bias delta or 0 (``where``, then add): an inactive delta's values,
+    # NaN or inf included, never reach the output, and the gate costs a few elements
+    gates_itself = True
 
     def unsupported(self, site):
         if not site.is_linear:

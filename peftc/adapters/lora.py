@@ -4,12 +4,21 @@ At a linear site the graph gains (dtype casts only when the base is fp16/bf16,
 because the adapter trains in float32 as PEFT's does)::
 
     y = aten.linear(x, W, b)            y  = aten.linear(x, W, b)
-                                 ==>    xd = aten.dropout(x, p, True)      # training only
+                                 ==>    xg = aten.where(gate, x, 0)        # training only, per row
+                                        xd = aten.dropout(xg, p, True)     # training only
                                         a  = aten.linear(xd, lora_A)
                                         d  = aten.linear(a, lora_B)
-                                        s  = aten.where(gate, scaling, 0)   # per row
-                                        d  = aten.mul(d, s)
+                                        d  = aten.mul(d, scaling)
                                         y2 = aten.add(y, d)
+                                        y3 = aten.where(gate, y2, y)        # per row (peftc adds it)
+
+The gate *selects* the adapted output or the original one; it never multiplies.
+Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
+in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
+takes exactly one side, so an inactive or disabled adapter's values never do.
+Training graphs select the adapter's input the same way, so that the backward
+pass gives an inactive adapter's rows no gradient either: without it, ``0 @ NaN``
+would carry a NaN in its A or B into every gradient upstream.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
+from ..match import compile_regex
 from .base import Adapter, widen
 
 aten = torch.ops.aten
@@ -59,7 +69,9 @@ class LoRA(Adapter):
     """
 
     kind = "lora"
-    gates_itself = True  # the gate zeroes the scaling: a scalar, not an activation
+    # peftc selects the output with the gate (``where(gate, y2, y)``): never gate by
+    # multiplying, or NaN/inf in an inactive adapter reaches the output as NaN * 0
+    gates_itself = False
 
     def __init__(self, r: int = 8, alpha: float = 8, dropout: float = 0.0, init=True,
                  use_rslora: bool = False, rank_pattern: dict | None = None,
@@ -80,6 +92,9 @@ class LoRA(Adapter):
             raise RuleError(f"LoRA dropout={dropout!r} must be in [0, 1)")
         if init not in _INITS:
             raise RuleError(f"LoRA init={init!r} must be one of {_INITS}")
+        for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in patterns:
+                compile_regex(key, f"{what} key", _PATTERN)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(
@@ -113,11 +128,13 @@ class LoRA(Adapter):
     def emit(self, b, site):
         state_dtype = b.state.lora_A.dtype
         x = b.cast(b.x, state_dtype)
+        if b.training:  # backward too: an inactive adapter's rows pass no gradient, even 0 @ NaN
+            x = b.call(aten.where.ScalarOther, b.row_mask(b.x), x, 0)
         if b.training and self.dropout > 0:
             x = b.call(aten.dropout.default, x, self.dropout, True)
         a = b.call(aten.linear.default, x, b.param("lora_A"))
         d = b.call(aten.linear.default, a, b.param("lora_B"))
-        d = b.call(aten.mul.Tensor, d, b.gated(b.param("scaling"), b.y))
+        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
     def merge_delta(self, site, state, weights):
@@ -194,8 +211,11 @@ def _combine(how: str, group, weights: dict[str, float], new_rank: int):
     return a, b
 
 
+_PATTERN = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys to a module path
+
+
 def _pattern_value(patterns: dict, path: str, default):
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(_PATTERN.replace("{}", key), path):
             return value
     return default

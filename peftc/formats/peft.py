@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     """
     folder = Path(directory)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if folder.exists() and not folder.is_dir():
+        raise PeftcError(f"{folder} is a file, but an adapter is a folder holding {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME}: pass the folder (here perhaps {folder.parent})")
     if not folder.is_dir():
         raise PeftcError(f"adapter folder {folder} does not exist")
     if not config_path.is_file():
@@ -101,31 +105,126 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
 def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None) -> list[Path]:
     """Write each adapter in PEFT's format; return the folders written.
 
-    Files are written to a temporary name and renamed, so an interrupted save
-    never leaves a half-written checkpoint behind.
+    All or nothing: every file of every adapter is first written to a temporary
+    sibling; only when all are complete do they replace the old files, and if
+    anything fails on the way (``KeyboardInterrupt`` included) the old files are
+    put back and the temporary ones removed. A folder holds its previous
+    checkpoint (both files) or the new one, never a mix. (A crash of the process
+    itself between two renames can still leave a mix; an exception can't.)
+
+    Raises:
+        PeftcError: an unknown adapter name, or a path where a folder must go that is a file.
     """
     root = Path(directory)
-    names = adapters or cm.adapters
-    folders = []
+    names = list(adapters or cm.adapters)
     for name in names:
         if name not in cm.adapters:
             raise PeftcError(f"no adapter named {name!r}; adapters: {cm.adapters}")
-        folder = root if name == "default" else root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        config = adapter_config(cm, name)
+    folders = [root if name == "default" else root / name for name in names]
+    for folder in folders:
+        for path in (folder, *folder.parents):
+            if path.exists() and not path.is_dir():
+                raise PeftcError(f"{path} is a file; save_pretrained writes the adapter into a folder there. "
+                                 "Pass a folder path (a new one, or an existing adapter folder)")
+    contents = []  # everything to write, computed before the disk is touched
+    for name, folder in zip(names, folders, strict=True):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda path, c=config: Path(path).write_text(json.dumps(c, indent=2)))
-        folders.append(folder)
+        contents.append((folder, adapter_config(cm, name), tensors))
+    made: list[Path] = []
+    staged: list[tuple[Path, Path]] = []  # (complete temporary file, the file it replaces)
+    try:
+        for folder, config, tensors in contents:
+            made += _make_folders(folder)
+            staged.append((_write_temporary(folder / WEIGHTS_NAME,
+                                            lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"})),
+                           folder / WEIGHTS_NAME))
+            staged.append((_write_temporary(folder / CONFIG_NAME, lambda path, c=config: write_config(path, c)),
+                           folder / CONFIG_NAME))
+        _replace_all(staged)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     return folders
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+def write_config(path: str | os.PathLike, config: dict) -> None:
+    """Write an adapter config as PEFT does (indented JSON)."""
+    Path(path).write_text(json.dumps(config, indent=2))
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    made = []
+    for path in missing:
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            for done in reversed(made):
+                done.rmdir()
+            raise PeftcError(f"can't create the adapter folder {path}: {e}") from e
+        made.append(path)
+    return made
+
+
+def _write_temporary(target: Path, write) -> Path:
+    """``write(path)`` into a new hidden sibling of ``target``; its path once complete."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _replace_all(staged: list[tuple[Path, Path]]) -> None:
+    """Move every temporary file over its target; if one move fails, put every old file back.
+
+    Each existing target is first hard-linked (or copied) to a backup, so it stays in
+    place until its replacement lands and can be restored if a later move fails.
+    """
+    backups: list[Path] = []
+    done: list[tuple[Path | None, Path]] = []
+    try:
+        for tmp, target in staged:
+            backup = _backup(target) if target.exists() else None
+            if backup is not None:
+                backups.append(backup)
+            os.replace(tmp, target)
+            done.append((backup, target))
+    except BaseException:
+        for backup, target in reversed(done):
+            if backup is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(backup, target)
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for backup in backups:
+            backup.unlink(missing_ok=True)
+
+
+def _backup(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
+    os.close(fd)
+    backup = Path(name)
+    backup.unlink()
+    try:
+        os.link(target, backup)
+    except OSError:  # no hard links on this file system: a copy does too
+        try:
+            shutil.copy2(target, backup)
+        except BaseException:
+            backup.unlink(missing_ok=True)
+            raise
+    return backup

@@ -118,9 +118,12 @@ class Builder:
     def gated(self, value: fx.Node, like: fx.Node, ndim: int | None = None) -> fx.Node:
         """``value`` where the adapter is on and 0 where it is off, per row of ``like``.
 
-        A kind with ``gates_itself = True`` multiplies or adds this instead of
-        letting peftc select whole outputs: gating a scale or a bias costs a few
-        elements instead of a full activation."""
+        A kind with ``gates_itself = True`` *adds* this to an activation instead of
+        letting peftc select whole outputs: gating a bias costs a few elements
+        instead of a full activation, and ``where`` selects, so NaN or inf in an
+        inactive adapter's value never passes. Never *multiply* an activation by
+        a gated value: ``NaN * 0`` is NaN, so an inactive adapter's non-finite
+        values would reach the output; leave ``gates_itself`` off instead."""
         return self.call(aten.where.ScalarOther, self.row_mask(like, ndim), value, 0)
 
     def row_mask(self, like: fx.Node, ndim: int | None = None) -> fx.Node:

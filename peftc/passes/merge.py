@@ -6,6 +6,15 @@
 record, the one fact of what was merged and how to undo it. :func:`unfold`
 and :func:`refold` take it out and put it back (``disable_adapter`` while merged).
 
+All four writers (:func:`fold`, :func:`unfold`, :func:`refold`,
+:func:`apply_deltas`) are all-or-nothing: every delta is computed and checked
+before anything is written, and if anything raises while writing (a kind's
+``merge_delta``, running out of memory, ``KeyboardInterrupt``), every
+parameter already written gets its old value back, bit for bit, and every bias
+created is removed before the exception goes on. Undoing needs a copy of each
+parameter before its first write, so a merge holds, at its peak, one extra copy
+of the weights it changes.
+
 Deltas are computed and applied in float32 (float64 stays float64), whatever the
 weights' dtype, then rounded once. The graph side of merging is
 :func:`~peftc.passes.insert.strip_adapters` and :mod:`peftc.passes.bias`.
@@ -14,6 +23,7 @@ weights' dtype, then rounded once. The graph side of merging is
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,39 +73,108 @@ def fold(model: nn.Module, placements: list[Placement], saved: dict[str, dict[st
                 raise MergeError(f"active adapters both train a copy of {path}; merge one at a time")
             copies[path] = clone
     missing = missing_biases(model, placements, safe)
-    if safe:
-        for path, clone in copies.items():
-            _check_module_finite(path, clone)
-    created = create_biases(model, missing)
-    apply_deltas(model, placements, +1, progress)
-    return Folded(list(saved), list(placements), copies, _copy_in(model, copies), created)
+    _check_copies(model, copies, safe)
+    with _all_or_nothing(model) as writes:
+        _create_biases(model, missing, writes)
+        _write_deltas(model, placements, +1, progress, writes)
+        stash = _copy_in(model, copies, writes)
+    return Folded(list(saved), list(placements), copies, stash, [path for path, _ in writes.created])
 
 
 def unfold(model: nn.Module, folded: Folded, progress: bool | None = None) -> None:
     """Subtract the merged deltas and restore the stashed originals: the weights only
-    (created biases stay; :func:`remove_biases` takes them away)."""
-    apply_deltas(model, folded.placements, -1, progress)
-    with torch.no_grad():
+    (created biases stay; :func:`remove_biases` takes them away).
+
+    Raises:
+        MergeError: a delta that doesn't fit (checked before anything is written), or
+            whatever an adapter's ``unmerge_delta`` raises. The weights are still merged then.
+    """
+    _check_deltas(model, folded.placements, -1)
+    with _all_or_nothing(model) as writes:
+        _write_deltas(model, folded.placements, -1, progress, writes)
         for path, value in folded.stash.items():
-            model.get_parameter(path).copy_(value)
+            writes.write(model.get_parameter(path), value)
     folded.stash.clear()
 
 
 def refold(model: nn.Module, folded: Folded) -> None:
-    """Re-apply what :func:`unfold` took out (same adapters, same biases)."""
-    apply_deltas(model, folded.placements, +1, False)
-    folded.stash.update(_copy_in(model, folded.copies))
+    """Re-apply what :func:`unfold` took out (same adapters, same biases); on failure the
+    weights stay unmerged."""
+    _check_deltas(model, folded.placements, +1)
+    _check_copies(model, folded.copies)
+    with _all_or_nothing(model) as writes:
+        _write_deltas(model, folded.placements, +1, False, writes)
+        stash = _copy_in(model, folded.copies, writes)
+    folded.stash.update(stash)
 
 
-@torch.no_grad()
-def _copy_in(model: nn.Module, copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+class _Writes:
+    """The in-place changes of one merge step, kept so that a failure part-way can undo them.
+
+    Each parameter's value is copied before its first write; created biases are listed
+    (with whether the module had the attribute before) so :meth:`rollback` removes them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.created: list[tuple[str, bool]] = []
+
+    @torch.no_grad()
+    def write(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        if id(param) not in self.originals:
+            self.originals[id(param)] = (param, param.detach().clone())
+        param.copy_(value)
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        for param, value in reversed(self.originals.values()):
+            param.copy_(value)
+        for path, existed in reversed(self.created):
+            module_path, _, name = path.rpartition(".")
+            module = self.model.get_submodule(module_path)
+            if existed:
+                module.register_parameter(name, None)
+            else:
+                delattr(module, name)
+        self.originals.clear()
+        self.created.clear()
+
+
+@contextmanager
+def _all_or_nothing(model: nn.Module):
+    """Writes made through the yielded :class:`_Writes`, undone if anything raises inside."""
+    writes = _Writes(model)
+    try:
+        yield writes
+    except BaseException:
+        writes.rollback()
+        raise
+
+
+def _check_copies(model: nn.Module, copies: dict[str, nn.Module], safe: bool = False) -> None:
+    for path, clone in copies.items():
+        for pname, p in clone.named_parameters():
+            try:
+                original = model.get_parameter(f"{path}.{pname}")
+            except AttributeError as e:
+                raise MergeError(f"modules_to_save copy {path}.{pname} has no original in the model; "
+                                 "no weight was changed") from e
+            if original.shape != p.shape:
+                raise MergeError(f"modules_to_save copy {path}.{pname} has shape {tuple(p.shape)}, the "
+                                 f"model's {tuple(original.shape)}; no weight was changed")
+        if safe:
+            _check_module_finite(path, clone)
+
+
+def _copy_in(model: nn.Module, copies: dict[str, nn.Module], writes: _Writes) -> dict[str, torch.Tensor]:
     """Copy each trained copy over its original; return the originals' values."""
     stash = {}
     for path, clone in copies.items():
         for pname, p in clone.named_parameters():
             original = model.get_parameter(f"{path}.{pname}")
             stash[f"{path}.{pname}"] = original.detach().clone()
-            original.copy_(p)
+            writes.write(original, p.detach())
     return stash
 
 
@@ -156,10 +235,20 @@ def missing_biases(model: nn.Module, placements: list[Placement], safe: bool = F
     Raises:
         MergeError: a target that can't take its delta, or (``safe``) a non-finite result.
     """
+    return _check_deltas(model, placements, +1, safe, create=True)
+
+
+def _check_deltas(model: nn.Module, placements: list[Placement], sign: int, safe: bool = False,
+                  create: bool = False) -> list[tuple[Placement, str]]:
+    """Compute every delta (``sign=-1``: every unmerge delta) and check it fits, writing nothing;
+    with ``create``, a missing bias of an ``aten.linear`` is allowed and returned."""
     out = []
     for p in placements:
-        for path, param, delta in _deltas(model, p):
+        for path, param, delta in _deltas(model, p, sign):
             if param is None:
+                if not create:
+                    raise MergeError(f"{p}: no parameter {path} to {'merge into' if sign > 0 else 'unmerge from'}; "
+                                     "nothing was changed")
                 if p.site.op != "aten.linear.default":
                     raise MergeError(
                         f"{p}: {p.site.op} has no bias operand, so a bias delta can't fold into it; "
@@ -182,17 +271,24 @@ def _check_finite(p: Placement, path: str, param: torch.Tensor | None, delta: to
         )
 
 
-@torch.no_grad()
 def create_biases(model: nn.Module, missing: list[tuple[Placement, str]]) -> list[str]:
-    """Register a zero bias for each missing one; return their paths (for :func:`remove_biases`)."""
-    created = []
+    """Register a zero bias for each missing one, all or none; return their paths (for
+    :func:`remove_biases`)."""
+    with _all_or_nothing(model) as writes:
+        _create_biases(model, missing, writes)
+    return [path for path, _ in writes.created]
+
+
+@torch.no_grad()
+def _create_biases(model: nn.Module, missing: list[tuple[Placement, str]], writes: _Writes) -> None:
     for p, path in missing:
         module_path, _, name = path.rpartition(".")
         module = model.get_submodule(module_path)
         weight = model.get_parameter(p.site.weight_path)
-        module.register_parameter(name, nn.Parameter(weight.new_zeros(p.site.out_features), requires_grad=False))
-        created.append(path)
-    return created
+        bias = nn.Parameter(weight.new_zeros(p.site.out_features), requires_grad=False)
+        existed = hasattr(module, name)
+        module.register_parameter(name, bias)
+        writes.created.append((path, existed))
 
 
 def remove_biases(model: nn.Module, created: list[str]) -> None:
@@ -202,17 +298,31 @@ def remove_biases(model: nn.Module, created: list[str]) -> None:
         model.get_submodule(module_path).register_parameter(name, None)
 
 
-@torch.no_grad()
 def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None) -> None:
-    """Add (``sign=1``) or subtract (``sign=-1``) every placement's delta in place."""
+    """Add (``sign=1``) or subtract (``sign=-1``) every placement's delta in place, all or none.
+
+    Raises:
+        MergeError: a delta with no parameter to go into (:func:`create_biases` first) or
+            of the wrong shape, found before anything is written.
+    """
+    _check_deltas(model, placements, sign)
+    with _all_or_nothing(model) as writes:
+        _write_deltas(model, placements, sign, progress, writes)
+
+
+@torch.no_grad()
+def _write_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None,
+                  writes: _Writes) -> None:
+    """Apply the deltas, each computed again on the weights as they are by then (a kind
+    stacked on another's merged weight reads them), through ``writes``."""
     desc = "merging" if sign > 0 else "unmerging"
     ordered = placements if sign > 0 else placements[::-1]  # undo stacked kinds last-first
-    bar = tqdm(ordered, desc=desc, unit="site", disable=_quiet(progress, len(placements)))
-    for p in bar:
-        for path, param, delta in _deltas(model, p, sign):
-            if param is None:
-                raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
-            param.copy_((widen(param) + sign * delta.to(param.device)).to(param.dtype))
+    with tqdm(ordered, desc=desc, unit="site", disable=_quiet(progress, len(placements))) as bar:
+        for p in bar:
+            for path, param, delta in _deltas(model, p, sign):
+                if param is None:
+                    raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
+                writes.write(param, (widen(param) + sign * delta.to(param.device)).to(param.dtype))
 
 
 def mergeable_or_raise(placements: list[Placement]) -> None:
