@@ -49,6 +49,7 @@ class Adapter:
     gated: ClassVar[bool] = True
     #: The kind applies its gate itself with ``b.gated(...)`` (cheaper than
     #: selecting a whole activation); peftc then adds no ``where`` of its own.
+    #: Add a gated value, never multiply by one: ``NaN * 0`` is NaN.
     gates_itself: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
