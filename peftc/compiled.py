@@ -284,9 +284,9 @@ class CompiledModel(PeftSurface, nn.Module):
         """Run the base model until :meth:`enable_adapter_layers` (PEFT's name); see :meth:`disable_adapter`."""
         if self.state.disabled:
             return
-        self.state.disabled = True
         if self._folded is not None:
-            unfold(self.base_model, self._folded)
+            unfold(self.base_model, self._folded)  # all or nothing
+        self.state.disabled = True
         self._write_gates()
 
     def enable_adapter_layers(self) -> None:
@@ -295,7 +295,11 @@ class CompiledModel(PeftSurface, nn.Module):
             return
         self.state.disabled = False
         if self._folded is not None:
-            refold(self.base_model, self._folded)
+            try:
+                refold(self.base_model, self._folded)  # all or nothing
+            except BaseException:
+                self._now_unmerged()  # the weights are the base's: say so, in every part
+                raise
         self._write_gates()
 
     @contextmanager
@@ -384,17 +388,26 @@ class CompiledModel(PeftSurface, nn.Module):
         names = self.state.active_names
         placements = [p for p in self.state.placements if p.adapter_name in names]
         self._folded = fold(self.base_model, placements, {n: self.state.saved(n) for n in names}, safe, progress)
-        self._write_gates()
-        self.programs.rebuild(self._folded)
+        try:
+            self._write_gates()
+            self.programs.rebuild(self._folded)
+        except BaseException:
+            unfold(self.base_model, self._folded)
+            self._now_unmerged()
+            raise
 
     def unmerge(self, progress: bool | None = None) -> None:
         """Take merged adapters back out of the weights and re-insert every adapter's nodes."""
         if not self.merged:
             warnings.warn("adapters are not merged; nothing to do", stacklevel=2)
             return
-        folded = self._folded
-        unfold(self.base_model, folded, progress)
-        self._folded = None
+        unfold(self.base_model, self._folded, progress)  # all or nothing
+        self._now_unmerged()
+
+    def _now_unmerged(self) -> None:
+        """The merged deltas are out of the weights: drop the merge record and the biases merge
+        created, and give every graph its adapter nodes back."""
+        folded, self._folded = self._folded, None
         if folded.created_biases:  # graphs traced while merged read biases about to go
             self.programs.drop(lambda p: p.traced_merged)
         self.programs.rebuild(None)
