@@ -145,6 +145,24 @@ def padded_batch(batch: int = 3, length: int = 9, seed: int = 0):
     return ids, mask
 
 
+def two_adapter_llama(other=r".*\.(k|o)_proj", backend="eager"):
+    """A Llama compiled with LoRA "default" on q/v and "other" (LoRA on ``other``, BitFit on the
+    MLP, random bias deltas), and a copy of the base model."""
+    import peftc
+
+    model = make_llama()
+    base = copy.deepcopy(model)
+    cm = peftc.compile(model, [peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.(q|v)_proj"))],
+                       backend=backend).eval()
+    cm.add_adapter("other", [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(other)),
+                             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
+    with torch.no_grad():
+        for p in cm.sites:
+            if hasattr(p.state, "bias"):
+                p.state.bias.normal_()
+    return cm, base
+
+
 # -- PEFT interop ---------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_llama, padded_batch
+from conftest import make_llama, padded_batch, two_adapter_llama
 from torch._dynamo.testing import CompileCounter
 
 import peftc
@@ -17,16 +17,7 @@ QV = peftc.linear(r".*\.(q|v)_proj")
 
 
 def _two_adapters(backend="eager"):
-    model = make_llama()
-    base = copy.deepcopy(model)
-    cm = peftc.compile(model, [peftc.LoRA(r=4, init=False).on(QV)], backend=backend).eval()
-    cm.add_adapter("other", [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(r".*\.(k|o)_proj")),
-                             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
-    with torch.no_grad():
-        for p in cm.sites:
-            if hasattr(p.state, "bias"):
-                p.state.bias.normal_()
-    return cm, base
+    return two_adapter_llama(backend=backend)
 
 
 def _state(cm):

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_unchanged, make_llama, padded_batch, snapshot
+from conftest import assert_unchanged, make_llama, padded_batch, snapshot, two_adapter_llama
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,17 +46,7 @@ def _poison(cm, adapter: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_llama_adapters():
-    model = make_llama()
-    base = copy.deepcopy(model)
-    cm = peftc.compile(model, [peftc.LoRA(r=4, init=False).on(QV)], backend="eager").eval()
-    # "other" shares q_proj with "default" (stacked on one op) and adds BitFit on the MLP
-    cm.add_adapter("other", [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(r".*\.(q|k|o)_proj")),
-                             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
-    with torch.no_grad():
-        for p in cm.sites:
-            if hasattr(p.state, "bias"):
-                p.state.bias.normal_()
-    return cm, base
+    return two_adapter_llama(other=r".*\.(q|k|o)_proj")  # "other" shares q_proj: stacked on one op
 
 
 def test_non_finite_inactive_or_disabled_adapters_never_reach_the_output(two_llama_adapters):
