@@ -340,17 +340,18 @@ class CompiledModel(PeftSurface, nn.Module):
                 ``svd_rank``, default the largest rank). A negative weight negates.
             adapter_name: the new adapter's name; it gets ``alpha = r`` (scaling 1) as in PEFT.
         """
+        if not adapters or len(weights) != len(adapters):
+            raise RuleError(f"add_weighted_adapter needs one weight per adapter and at least one adapter; "
+                            f"got {len(adapters)} adapters and {len(weights)} weights")
         self.state.check_names(adapters)
-        if len(weights) != len(adapters):
-            raise RuleError(f"{len(adapters)} adapters but {len(weights)} weights")
-        order = {name: i for i, name in enumerate(adapters)}
+        order = {name: i for i, name in reversed(list(enumerate(adapters)))}  # first mention
         sources = sorted((p for p in self.state.placements if p.adapter_name in order),
                          key=lambda p: order[p.adapter_name])
         kinds = sorted({type(p.adapter).__name__ for p in sources})
         if len(kinds) != 1:
             raise RuleError(f"add_weighted_adapter combines adapters of one kind; got {kinds}")
-        spec, values = sources[0].adapter.combine(sources, dict(zip(adapters, weights, strict=True)),
-                                                  combination_type, svd_rank)
+        pairs = list(zip(adapters, weights, strict=True))  # a name given twice counts twice, as in PEFT
+        spec, values = sources[0].adapter.combine(sources, pairs, combination_type, svd_rank)
         sites = {p.site.weight_path: p.site for p in sources}
         self.state.register(adapter_name, [(sites[key], spec) for key in values], [], [],
                             {"bias": "none", "modules_to_save": []})

@@ -212,6 +212,26 @@ def test_add_weighted_adapter_matches_peft(peft_pair, kind):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_with_a_name_given_twice_matches_peft(peft_pair, kind):
+    pm, cm = peft_pair
+    names, weights = ["default", "b", "default"], [1.0, 0.5, 2.0]
+    pm.add_weighted_adapter(names, weights, "mix", combination_type=kind)
+    pm.set_adapter("mix")
+    cm.add_weighted_adapter(names, weights, "mix", combination_type=kind)
+    cm.set_adapter("mix")
+    ids, mask = padded_batch(2, 6)
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                               pm.eval()(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
+def test_add_weighted_adapter_of_nothing_is_refused(two_adapters):
+    cm, _ = two_adapters
+    with pytest.raises(peftc.RuleError, match="at least one adapter"):
+        cm.add_weighted_adapter([], [], "x")
+    assert cm.adapters == ["default", "other"]
+
+
 def test_bad_adapter_names(two_adapters):
     cm, _ = two_adapters
     with pytest.raises(peftc.RuleError, match="exists"):

@@ -131,13 +131,13 @@ class Adapter:
         """The spec as plain data: ``{"kind": ..., **arguments}``."""
         raise NotImplementedError
 
-    def combine(self, sources: list, weights: dict[str, float], how: str,
+    def combine(self, sources: list, weights: list[tuple[str, float]], how: str,
                 rank: int | None) -> tuple[Adapter, dict[str, dict[str, torch.Tensor]]]:
         """A new adapter combining others of this kind (``add_weighted_adapter``).
 
         Arguments:
             sources: the placements of the adapters to combine, in the order named.
-            weights: adapter name -> its weight.
+            weights: ``(adapter name, weight)`` in the order given; a name may repeat.
             how: the combination type; rank: the requested rank, if any.
 
         Returns:

@@ -169,39 +169,40 @@ class LoRA(Adapter):
         ranks = {p.state.r for p in sources}
         if how == "linear" and len(ranks) != 1:
             raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
-        by_adapter: dict[str, int] = {}
+        rank_of: dict[str, int] = {}
         for p in sources:
-            by_adapter[p.adapter_name] = max(by_adapter.get(p.adapter_name, 0), p.state.r)
-        new_rank = {"linear": max(ranks), "cat": sum(by_adapter.values()), "svd": rank or max(ranks)}[how]
-        by_site: dict[str, list] = {}
+            rank_of[p.adapter_name] = max(rank_of.get(p.adapter_name, 0), p.state.r)
+        cat_rank = sum(rank_of[name] for name, _ in weights)  # a name given twice counts twice
+        new_rank = {"linear": max(ranks), "cat": cat_rank, "svd": rank or max(ranks)}[how]
+        by_site: dict[str, dict] = {}
         for p in sources:
-            by_site.setdefault(p.site.weight_path, []).append(p)
+            by_site.setdefault(p.site.weight_path, {})[p.adapter_name] = p
         values = {}
-        for key, group in by_site.items():
-            a, b = _combine(how, group, weights, new_rank)
+        for key, at_site in by_site.items():
+            group = [(at_site[name], w) for name, w in weights if name in at_site]
+            a, b = _combine(how, group, new_rank)
             values[key] = {"lora_A": a, "lora_B": b}
         return LoRA(r=new_rank, alpha=new_rank), values
 
 
-def _combine(how: str, group, weights: dict[str, float], new_rank: int):
-    """The new (A, B) at one site from the source placements there (in the order named)."""
-    first = group[0].state
+def _combine(how: str, group: list, new_rank: int):
+    """The new (A, B) at one site from ``(source placement, weight)`` pairs there, in the order named."""
+    first = group[0][0].state
     a = torch.zeros(new_rank, first.lora_A.shape[1], dtype=first.lora_A.dtype, device=first.lora_A.device)
     b = torch.zeros(first.lora_B.shape[0], new_rank, dtype=first.lora_B.dtype, device=first.lora_B.device)
     if how == "linear":
-        for p in group:
-            ws = weights[p.adapter_name] * float(p.state.scaling)
+        for p, w in group:
+            ws = w * float(p.state.scaling)
             a += math.copysign(math.sqrt(abs(ws)), ws) * p.state.lora_A
             b += math.sqrt(abs(ws)) * p.state.lora_B
     elif how == "cat":
-        parts_a = [weights[p.adapter_name] * float(p.state.scaling) * p.state.lora_A for p in group]
-        parts_b = [p.state.lora_B for p in group]
+        parts_a = [w * float(p.state.scaling) * p.state.lora_A for p, w in group]
+        parts_b = [p.state.lora_B for p, _ in group]
         cat_a, cat_b = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
         a[: cat_a.shape[0]] = cat_a
         b[:, : cat_b.shape[1]] = cat_b
     else:
-        delta = sum(weights[p.adapter_name] * float(p.state.scaling) * (p.state.lora_B @ p.state.lora_A)
-                    for p in group)
+        delta = sum(w * float(p.state.scaling) * (p.state.lora_B @ p.state.lora_A) for p, w in group)
         u, s, vh = torch.linalg.svd(delta.float())
         b = (u[:, :new_rank] @ torch.diag(s[:new_rank])).to(b.dtype)
         a = vh[:new_rank].to(a.dtype)
