@@ -6,8 +6,7 @@
 record, the one fact of what was merged and how to undo it. :func:`unfold`
 and :func:`refold` take it out and put it back (``disable_adapter`` while merged).
 
-All four writers (:func:`fold`, :func:`unfold`, :func:`refold`,
-:func:`apply_deltas`) are all-or-nothing: every delta is computed and checked
+All three writers (:func:`fold`, :func:`unfold`, :func:`refold`) are all-or-nothing: every delta is computed and checked
 before anything is written, and if anything raises while writing (a kind's
 ``merge_delta``, running out of memory, ``KeyboardInterrupt``), every
 parameter already written gets its old value back, bit for bit, and every bias
@@ -271,14 +270,6 @@ def _check_finite(p: Placement, path: str, param: torch.Tensor | None, delta: to
         )
 
 
-def create_biases(model: nn.Module, missing: list[tuple[Placement, str]]) -> list[str]:
-    """Register a zero bias for each missing one, all or none; return their paths (for
-    :func:`remove_biases`)."""
-    with _all_or_nothing(model) as writes:
-        _create_biases(model, missing, writes)
-    return [path for path, _ in writes.created]
-
-
 @torch.no_grad()
 def _create_biases(model: nn.Module, missing: list[tuple[Placement, str]], writes: _Writes) -> None:
     for p, path in missing:
@@ -292,22 +283,10 @@ def _create_biases(model: nn.Module, missing: list[tuple[Placement, str]], write
 
 
 def remove_biases(model: nn.Module, created: list[str]) -> None:
-    """Undo :func:`create_biases`: the modules hold ``None`` biases again."""
+    """Remove the biases :func:`fold` created (``Folded.created_biases``): the modules hold ``None`` again."""
     for path in created:
         module_path, _, name = path.rpartition(".")
         model.get_submodule(module_path).register_parameter(name, None)
-
-
-def apply_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None) -> None:
-    """Add (``sign=1``) or subtract (``sign=-1``) every placement's delta in place, all or none.
-
-    Raises:
-        MergeError: a delta with no parameter to go into (:func:`create_biases` first) or
-            of the wrong shape, found before anything is written.
-    """
-    _check_deltas(model, placements, sign)
-    with _all_or_nothing(model) as writes:
-        _write_deltas(model, placements, sign, progress, writes)
 
 
 @torch.no_grad()
@@ -321,7 +300,7 @@ def _write_deltas(model: nn.Module, placements: list[Placement], sign: int, prog
         for p in bar:
             for path, param, delta in _deltas(model, p, sign):
                 if param is None:
-                    raise MergeError(f"{p}: no parameter {path} to merge into; create_biases first")
+                    raise MergeError(f"{p}: no parameter {path} to merge into")
                 writes.write(param, (widen(param) + sign * delta.to(param.device)).to(param.dtype))
 
 
