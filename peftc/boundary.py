@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from .kv_cache import CacheInputs, cache_of
+
 MODEL_PREFIX = "model."  # where the model sits in a traced boundary's graph
 
 
 class Boundary(nn.Module):
     """``forward(inputs)``: apply each adapter's ``rewrite_inputs`` to the dict of keyword
     inputs, then call the model. (One dict rather than ``**kwargs``: export can't give
-    variable keyword arguments dynamic shapes.)"""
+    variable keyword arguments dynamic shapes.)
+
+    A generation step passes its KV cache as :class:`~peftc.kv_cache.CacheInputs`: the
+    boundary wraps the tensors in a ``Cache`` for the model, uses each adapter's
+    ``rewrite_decode_inputs`` after the first step, and returns ``{"logits": ...}`` (the
+    cache's new contents are written into its input tensors)."""
 
     def __init__(self, model: nn.Module, state_root: nn.Module, rewrites: list[tuple[object, str]]):
         super().__init__()
@@ -31,6 +38,11 @@ class Boundary(nn.Module):
         return tuple(target for _, target in self._rewrites)
 
     def forward(self, kwargs: dict):
+        cache = kwargs.get("past_key_values")
+        decoding = isinstance(cache, CacheInputs) and not cache.first
         for adapter, target in self._rewrites:
-            kwargs = adapter.rewrite_inputs(self.model, self.peftc.get_submodule(target), dict(kwargs))
-        return self.model(**kwargs)
+            rewrite = adapter.rewrite_decode_inputs if decoding else adapter.rewrite_inputs
+            kwargs = rewrite(self.model, self.peftc.get_submodule(target), dict(kwargs))
+        if not isinstance(cache, CacheInputs):
+            return self.model(**kwargs)
+        return {"logits": self.model(**{**kwargs, "past_key_values": cache_of(cache)}).logits}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch import fx, nn
 from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
+from .generation import generate
 from .passes.merge import Folded, fold, refold, remove_biases, unfold
 from .peft_surface import PeftSurface
 from .program import Program, Programs
@@ -69,6 +71,7 @@ class CompiledModel(PeftSurface, nn.Module):
         self.set_adapter(adapter_name)
         self.state.update_trainability()
         self.__class__ = showing_signature_of(CompiledModel, type(model))
+        model.register_forward_pre_hook(_warn_direct_calls(weakref.ref(self)))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, example_inputs=None,
@@ -105,6 +108,17 @@ class CompiledModel(PeftSurface, nn.Module):
         if rewrites or needs_boundary(self.base_model, kwargs):  # the input boundary takes keywords only
             args, kwargs = (), as_keywords(self.base_model, args, kwargs)
         return self.programs.select(args, kwargs, rewrites, self._folded), args, kwargs
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's ``generate`` (transformers' loop: greedy, sampling, beam search,
+        streamers...), each step run through the adapted graph with a KV cache.
+
+        Arguments:
+            adapter_names: one adapter name per input row (``"__base__"``: none), as in PEFT.
+
+        Returns what the model's own ``generate`` returns. See :mod:`peftc.generation`.
+        """
+        return generate(self, *args, adapter_names=adapter_names, **kwargs)
 
     def program_for(self, *args, **kwargs) -> Program:
         """The program (``trace``, ``gm``, ``fn``) a call with these inputs runs, built if needed."""
@@ -454,6 +468,23 @@ def _fitting(model: nn.Module, adapter_dir):
         if isinstance(e, RuleError):
             raise PeftcError(f"the adapter in {adapter_dir} doesn't fit {type(model).__name__}: {e}") from e
         raise
+
+
+def _warn_direct_calls(ref: weakref.ref):
+    """A forward pre-hook for the user's model: calling it directly while adapters are active
+    and unmerged runs the base model (its ``generate`` included), which is never what was meant."""
+
+    def hook(model, args):
+        cm = ref()
+        if cm is None or model is not cm.base_model or cm.merged or not cm.active_adapters \
+                or torch.compiler.is_exporting():  # (a deep copy of the model carries the hook too)
+            return
+        warnings.warn(f"{type(model).__name__} was called directly, without its adapters {cm.active_adapters}: "
+                      "peftc's adapters live in the compiled model's graph. Call the compiled model instead "
+                      "(cm(...), cm.generate(...)), or cm.merge_and_unload() to fold them into this model",
+                      stacklevel=2)
+
+    return hook
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:

@@ -11,6 +11,8 @@ import inspect
 
 from torch import nn
 
+from .kv_cache import CacheInputs
+
 
 def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Bind positional arguments to the model's parameter names."""
@@ -29,9 +31,10 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 def needs_boundary(model: nn.Module, kwargs: dict) -> bool:
     """Whether some keyword inputs only reach the forward through its ``**kwargs``
     (transformers' ``num_items_in_batch``): ``torch.export`` can't give those dynamic
-    shapes, so such calls are traced through the boundary, which takes one dict."""
+    shapes, so such calls are traced through the boundary, which takes one dict.
+    Generation steps (a KV cache as tensors) go through the boundary too."""
     params = _parameters(type(model))
-    return not all(k in params for k in kwargs)
+    return not all(k in params for k in kwargs) or isinstance(kwargs.get("past_key_values"), CacheInputs)
 
 
 @functools.cache

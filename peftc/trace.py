@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .boundary import MODEL_PREFIX, Boundary
 from .errors import PeftcError, TraceError, first_line
+from .quiet import quiet
 from .signature import needs_boundary
 
 
@@ -189,12 +190,13 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
                              f"{sorted(set(kwargs) - set(inspect.signature(model.forward).parameters))}")
         boundary = Boundary(model, nn.Module(), [])
     try:
-        if boundary is not None:  # it takes the keyword inputs as one dict
-            dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
-            ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
-        else:
-            dynamic = _dynamic_shapes(model, args, kwargs)
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with quiet(["torch._export.non_strict_utils"], warnings=False):  # notes on dims export specialised
+            if boundary is not None:  # it takes the keyword inputs as one dict
+                dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
+                ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
+            else:
+                dynamic = _dynamic_shapes(model, args, kwargs)
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except PeftcError:
         raise
     except Exception as e:
@@ -204,12 +206,14 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
 
 def _dim_spec(v):
     """Batch (dim 0) of every tensor input is dynamic, and so is the sequence (dim 1) of
-    token-like inputs: integer tensors and tensors of rank 3 or more. A float matrix's
-    dim 1 is its features, which the model fixes anyway."""
+    integer matrices (token ids, masks). Every dim of a tensor of rank 3 or more is
+    dynamic (export keeps what the model fixes, such as features or heads, static):
+    a KV cache's capacity is its dim 2. A float matrix's dim 1 is its features,
+    which the model fixes anyway."""
     if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return None
-    has_sequence = v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point())
-    return {d: Dim.AUTO for d in range(2 if has_sequence else 1)}
+    dynamic = v.dim() if v.dim() >= 3 else 2 if not v.is_floating_point() else 1
+    return {d: Dim.AUTO for d in range(dynamic)}
 
 
 def _dynamic_shapes(model, args, kwargs):

@@ -12,9 +12,11 @@ An adapter kind is a small class that says four things about one site:
 
 Two optional hooks serve kinds that work at the model's input boundary
 (prompt tuning) or share one state across sites (prefix tuning):
-``rewrite_inputs`` and ``init_states``. Two more let the trunk ask a kind
-instead of testing its class: ``no_site_hint`` (what to say when a rule finds
-no site) and ``combine`` (``add_weighted_adapter``).
+``rewrite_inputs`` and ``init_states``; generation asks such kinds two more
+things: ``rewrite_decode_inputs`` (the inputs of later steps, whose KV cache
+holds what the first added) and ``generation_tokens``. Two more let the trunk
+ask a kind instead of testing its class: ``no_site_hint`` (what to say when a
+rule finds no site) and ``combine`` (``add_weighted_adapter``).
 
 A :class:`Rule` (``adapter.on(selector)``) pairs a spec with a selector.
 """
@@ -89,6 +91,16 @@ class Adapter:
     def rewrite_inputs(self, model: nn.Module, state: nn.Module, kwargs: dict) -> dict:
         """Change the model's keyword inputs before its forward; this code is traced too."""
         return kwargs
+
+    def rewrite_decode_inputs(self, model: nn.Module, state: nn.Module, kwargs: dict) -> dict:
+        """:meth:`rewrite_inputs` for the steps of generation after the first, whose KV cache
+        already holds what the first step added. The default is :meth:`rewrite_inputs`."""
+        return self.rewrite_inputs(model, state, kwargs)
+
+    def generation_tokens(self) -> tuple[int, int]:
+        """``(cache slots, positions)`` this kind puts in front of a generated sequence:
+        virtual tokens that enter the KV cache, and positions the real tokens are shifted by."""
+        return 0, 0
 
     @property
     def rewrites_inputs(self) -> bool:

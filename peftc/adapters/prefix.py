@@ -113,6 +113,9 @@ class Prefix(Adapter):
             kwargs["position_ids"] = positions.unsqueeze(0).expand(ids.shape[0], -1)
         return kwargs
 
+    def generation_tokens(self):
+        return 0, self.num_virtual_tokens  # the prefix joins the keys at each attention op, not the cache
+
     def emit(self, b, site):
         n, rows, kv_heads, head_dim = b.state.shape
         node = b.node

@@ -99,7 +99,9 @@ class Prompt(Adapter):
         if "input_ids" not in kwargs:
             raise RuleError("prompt tuning needs input_ids (it looks up their embeddings itself)")
         if "position_ids" in kwargs:
-            raise RuleError("prompt tuning numbers positions itself (virtual tokens first); drop position_ids")
+            if "past_key_values" not in kwargs:
+                raise RuleError("prompt tuning numbers positions itself (virtual tokens first); drop position_ids")
+            del kwargs["position_ids"]  # generating: positions follow the cache, virtual tokens first (as in PEFT)
         ids = kwargs.pop("input_ids")
         embeds = model.get_input_embeddings()(ids)
         batch, n = ids.shape[0], self.num_virtual_tokens
@@ -114,6 +116,17 @@ class Prompt(Adapter):
         if labels is not None and labels.dim() >= 2:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         return kwargs
+
+    def rewrite_decode_inputs(self, model, state, kwargs):
+        # The cache holds the virtual tokens: only the mask must still show them.
+        kwargs.pop("position_ids", None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.num_virtual_tokens)), mask], 1)
+        return kwargs
+
+    def generation_tokens(self):
+        return self.num_virtual_tokens, self.num_virtual_tokens
 
     def saved_state(self, site, state, prefix):
         return {"prompt_embeddings": state.embedding}
