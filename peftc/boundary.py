@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .kv_cache import CacheInputs, cache_of
+from .kv_cache import CacheInputs, step_cache, step_outputs
 
 MODEL_PREFIX = "model."  # where the model sits in a traced boundary's graph
 
@@ -22,9 +22,9 @@ class Boundary(nn.Module):
     variable keyword arguments dynamic shapes.)
 
     A generation step passes its KV cache as :class:`~peftc.kv_cache.CacheInputs`: the
-    boundary wraps the tensors in a ``Cache`` for the model, uses each adapter's
-    ``rewrite_decode_inputs`` after the first step, and returns ``{"logits": ...}`` (the
-    cache's new contents are written into its input tensors)."""
+    boundary gives the model a ``Cache`` over them, uses each adapter's
+    ``rewrite_decode_inputs`` after the first step, and returns ``{"logits", "cache"}``
+    (the first step's keys and values; later steps write theirs in place)."""
 
     def __init__(self, model: nn.Module, state_root: nn.Module, rewrites: list[tuple[object, str]]):
         super().__init__()
@@ -45,4 +45,5 @@ class Boundary(nn.Module):
             kwargs = rewrite(self.model, self.peftc.get_submodule(target), dict(kwargs))
         if not isinstance(cache, CacheInputs):
             return self.model(**kwargs)
-        return {"logits": self.model(**{**kwargs, "past_key_values": cache_of(cache)}).logits}
+        kwargs["past_key_values"] = step_cache(cache, getattr(self.model.config, "is_encoder_decoder", False))
+        return {"logits": self.model(**kwargs).logits, "cache": step_outputs(kwargs["past_key_values"])}

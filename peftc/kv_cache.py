@@ -9,12 +9,16 @@ capacity (``[batch, kv_heads, capacity, head_dim]``, as transformers'
 - Outside the graph, :class:`GenerationCache` is the ``Cache`` transformers'
   generation loop holds between steps (``reorder_cache`` for beam search, the
   filled length for slicing inputs).
-- Each step passes its tensors to the graph as :class:`CacheInputs`; inside,
-  the input boundary wraps them in :class:`SlotLayer` s, whose ``update``
-  writes the step's keys and values in place with ``index_copy_``. Export
-  records those writes as mutations of graph inputs, so the graph's outputs
-  are written back into the same tensors, and every dim (batch, capacity)
-  stays symbolic: one prefill and one decode graph serve every generate call.
+- The first step (the prompt) runs the model on a fresh ``DynamicCache`` and
+  returns its keys and values; :meth:`GenerationCache.fill` copies them into
+  tensors of the full capacity, so the model itself says how many layers,
+  heads and head dims there are.
+- Each later step passes the tensors to the graph as :class:`CacheInputs`;
+  inside, the input boundary wraps them in :class:`SlotLayer` s, whose
+  ``update`` writes the step's keys and values in place with ``index_copy_``.
+  Export records those writes as mutations of graph inputs, so the graph
+  writes back into the same tensors, and every dim (batch, capacity) stays
+  symbolic: one first-step and one later-step graph serve every generate call.
 """
 
 from __future__ import annotations
@@ -22,17 +26,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
 
 from .errors import PeftcError
 
 
 class CacheInputs(NamedTuple):
-    """A step's cache as graph inputs: ``(keys, values, filled)`` per layer, and whether this
-    is the step that fills it first (prefill), which input rewrites treat differently."""
+    """A step's cache as graph inputs: ``(keys, values, filled)`` per layer; empty on the
+    first step (the prompt), which returns its keys and values instead."""
 
-    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
-    first: bool
+    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()
+
+    @property
+    def first(self) -> bool:
+        return not self.layers
 
 
 class SlotLayer(CacheLayerMixin):
@@ -67,53 +74,58 @@ class SlotLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
-def cache_of(inputs: CacheInputs) -> Cache:
-    """The ``Cache`` a model reads inside the graph, over the step's tensors."""
-    return Cache(layers=[SlotLayer(k, v, n) for k, v, n in inputs.layers])
+def step_cache(inputs: CacheInputs, encoder_decoder: bool) -> Cache:
+    """The ``Cache`` the model reads inside the graph: a fresh ``DynamicCache`` on the first
+    step, slots over the step's tensors after. An encoder-decoder model's cross-attention
+    keys and values are computed from the encoder's output at every step (not cached)."""
+    cache = DynamicCache() if inputs.first else Cache(layers=[SlotLayer(k, v, n) for k, v, n in inputs.layers])
+    return EncoderDecoderCache(cache, DynamicCache()) if encoder_decoder else cache
+
+
+def step_outputs(cache: Cache) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """What a step returns of its cache: the first step's keys and values (later steps
+    write theirs in place and return nothing)."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if not isinstance(cache, DynamicCache):
+        return ()
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
 
 
 class GenerationCache(Cache):
-    """The cache one generate call holds: allocated on the first step, for ``capacity`` positions.
+    """The cache one generate call holds between steps, ``capacity`` positions per layer.
 
-    Arguments:
-        config: the model's config (layers, key/value heads, head size).
-        capacity: positions to hold: virtual tokens that enter the cache, the prompt,
-            and the new tokens.
+    The first step's keys and values (their shapes come from the model itself)
+    are copied into tensors of the full capacity; later steps write into those.
     """
 
     is_compileable = False  # transformers' generate must not compile the step: peftc lowers its graphs itself
 
-    def __init__(self, config, capacity: int):
-        text = config.get_text_config(decoder=True)
-        heads = getattr(text, "num_attention_heads", None)
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-        layers = getattr(text, "num_hidden_layers", None)
-        if not (kv_heads and head_dim and layers):
-            raise PeftcError(f"peftc can't size a KV cache for {type(config).__name__}: its config doesn't say "
-                             "num_hidden_layers, num_attention_heads / num_key_value_heads and head_dim")
-        self._shape = (kv_heads, capacity, head_dim)
+    def __init__(self, capacity: int):
+        super().__init__(layers=[])
+        self.capacity = capacity
         self.seen = 0  # positions filled so far, counted outside the graph (no device sync)
-        super().__init__(layers=[SlotLayer(*_empty()) for _ in range(layers)])
 
-    def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate every layer's keys and values (zeros) for ``batch`` rows."""
-        shape = (batch, *self._shape)
-        self.layers = [SlotLayer(torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros((), dtype=torch.long, device=device)) for _ in self.layers]
-
-    @property
-    def capacity(self) -> int:
-        return self._shape[1]
+    def fill(self, prefilled: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
+        """Allocate every layer for ``capacity`` positions, holding the first step's keys and values."""
+        layers = []
+        for keys, values in prefilled:
+            length = keys.shape[2]
+            if length > self.capacity:
+                raise PeftcError(f"the prompt filled {length} cache positions, more than the {self.capacity} "
+                                 "this generate call sized for")
+            slots = []
+            for t in (keys, values):
+                full = t.new_zeros((*t.shape[:2], self.capacity, t.shape[3]))
+                full[:, :, :length] = t
+                slots.append(full)
+            layers.append(SlotLayer(*slots, torch.tensor(length, device=keys.device)))
+        self.layers = layers
+        self.seen = prefilled[0][0].shape[2] if prefilled else 0
 
     def inputs(self) -> CacheInputs:
         """This step's graph inputs."""
-        return CacheInputs(tuple((layer.keys, layer.values, layer.filled) for layer in self.layers), self.seen == 0)
+        return CacheInputs(tuple((layer.keys, layer.values, layer.filled) for layer in self.layers))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
-
-
-def _empty():
-    return torch.empty(0), torch.empty(0), torch.zeros((), dtype=torch.long)

@@ -43,7 +43,8 @@ def call_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
 
 
 def default_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A small batch for a transformers model: ``input_ids`` and ``attention_mask`` of shape 2x8."""
+    """A small batch for a transformers model: ``input_ids`` and ``attention_mask`` of shape 2x8
+    (and ``decoder_input_ids``, 2x5, for an encoder-decoder model)."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if vocab is None or getattr(model, "main_input_name", "input_ids") != "input_ids":
@@ -52,8 +53,11 @@ def default_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
             "batch for transformers text models. Pass e.g. example_inputs=(torch.randn(2, 16),)"
         )
     device = next(model.parameters()).device
-    ids = torch.arange(16, device=device).remainder(min(vocab, 97)).reshape(2, 8) + 1
-    return {"input_ids": ids.clamp(max=vocab - 1), "attention_mask": torch.ones_like(ids)}
+    ids = (torch.arange(16, device=device).remainder(min(vocab, 97)).reshape(2, 8) + 1).clamp(max=vocab - 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :5]
+    return inputs
 
 
 def with_defaults(model: nn.Module, kwargs: dict) -> dict:

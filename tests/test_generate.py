@@ -33,7 +33,28 @@ def make_phi3(seed: int = 0) -> torch.nn.Module:
     return Phi3ForCausalLM(config).eval()
 
 
-BUILDERS = {"llama": make_llama, "qwen2": make_qwen2, "gpt2": make_gpt2, "phi3": make_phi3}
+def make_t5(seed: int = 0) -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_bart(seed: int = 0) -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    return BartForConditionalGeneration(config).eval()
+
+
+BUILDERS = {"llama": make_llama, "qwen2": make_qwen2, "gpt2": make_gpt2, "phi3": make_phi3,
+            "t5": make_t5, "bart": make_bart}
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
 
@@ -48,8 +69,10 @@ def left_padded(batch: int = 3, length: int = 7, seed: int = 0):
 
 def peft_config(kind: str, name: str):
     if kind == "lora":
-        targets = ["c_attn"] if name == "gpt2" else ["qkv_proj", "o_proj"] if name == "phi3" else ["q_proj", "v_proj"]
-        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        targets = {"gpt2": ["c_attn"], "phi3": ["qkv_proj", "o_proj"], "t5": ["q", "v", "wo"]}
+        task = "SEQ_2_SEQ_LM" if name in ("t5", "bart") else "CAUSAL_LM"
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets.get(name, ["q_proj", "v_proj"]),
+                               init_lora_weights=False, task_type=task)
     if kind == "prompt":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
