@@ -31,14 +31,19 @@ def copy_from_peft(cm, pm):
                 param.copy_(sd[key])
 
 
-@pytest.fixture(scope="module")
-def pair():
+def build_pair(training: bool = False):
+    """A tiny Llama with LoRA on embed_tokens and q_proj, by peftc and by PEFT, with PEFT's weights."""
     model = make_llama()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).eval()
-    cm = peftc.compile(model, config, backend="eager").eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).train(training)
+    cm = peftc.compile(model, config, backend="eager").train(training)
     copy_from_peft(cm, pm)
     return cm, pm
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair()
 
 
 def logits(model, ids, mask):
@@ -76,11 +81,7 @@ def test_merge_and_unmerge(pair):
 
 
 def test_gradients_equal_peft():
-    model = make_llama()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).train()
-    cm = peftc.compile(model, config, backend="eager").train()
-    copy_from_peft(cm, pm)
+    cm, pm = build_pair(training=True)
     ids, mask = padded_batch()
     pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
