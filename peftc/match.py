@@ -47,6 +47,10 @@ class Selector:
         """A module-path pattern, used to suggest near misses when nothing matches."""
         return None
 
+    def check_sites(self, sites: list[Site]) -> None:
+        """Raise :class:`~peftc.errors.RuleError` if something this selector names reaches none of
+        ``sites`` (every site of the graph), even when other parts of it match. The default checks nothing."""
+
     def extra_sites(self, gm: fx.GraphModule, model: nn.Module, prefix: str) -> list[Site]:
         """Sites this selector finds itself (subgraph patterns), beyond the op sites
         every graph has. Called on every graph peftc builds."""
@@ -78,6 +82,10 @@ class _Combine(Selector):
 
     def hint(self) -> str | None:
         return next((h for p in self.parts if (h := p.hint())), None)
+
+    def check_sites(self, sites):
+        for part in self.parts:
+            part.check_sites(sites)
 
     def extra_sites(self, gm, model, prefix):
         return [s for p in self.parts for s in p.extra_sites(gm, model, prefix)]

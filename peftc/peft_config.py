@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from . import default_targets, moe_targets
 from .adapters.base import Rule, adapter_from_config
 from .adapters.lora import LoRA
 from .adapters.prefix import Prefix
@@ -48,15 +49,9 @@ class Translated(NamedTuple):
 # -- reading --------------------------------------------------------------------------
 
 
-# PEFT's defaults when a LoraConfig names no target_modules (facts from its model table).
-_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "opt": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
-}
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS, when the model has them
 _IGNORED_WHEN_DEFAULT = {
-    "use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
+    "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None, "megatron_config": None, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "alora_invocation_tokens": None, "arrow_config": None,
 }
@@ -155,17 +150,29 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
     if init not in (True, False, "gaussian"):
         raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False or 'gaussian'")
     modules_to_save, task_type = _task_options(config)
-    targets = config.get("target_modules")
+    targets, within, parameters = config.get("target_modules"), None, set(config.get("target_parameters") or ())
+    listed = False
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in _DEFAULT_TARGETS:
-            raise RuleError(f"LoraConfig has no target_modules and peftc has no default for model type {model_type!r}; set target_modules")
-        targets = _DEFAULT_TARGETS[model_type]
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _all_linear(model, config.get("task_type"))
+        if parameters:  # PEFT: parameters alone, or with the default (none on renamed MoE models)
+            targets = [] if moe_targets.family(model) else default_targets.lora_targets(model) or []
+        else:
+            targets = default_targets.lora_targets(model)
+            if targets is None:
+                within = _attention_fallback(model)
+    else:
+        all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+        names = _all_linear(model, config.get("task_type")) if all_linear else None
+        listed = not isinstance(targets, str)  # names the user wrote: each must find a site
+        targets, renamed = moe_targets.translate(model, targets, names)
+        parameters |= renamed
+    if parameters:
+        moe_targets.check_parameters(model, parameters, targets)
+        if config.get("lora_dropout"):
+            raise RuleError(f"PEFT adapts {sorted(parameters)} of this model as parameters, which it refuses with "
+                            "lora_dropout != 0 (dropout can't be factored out of a weight); set lora_dropout=0")
     selector = _PeftTargets(
         targets, config.get("exclude_modules"), config.get("layers_to_transform"),
-        config.get("layers_pattern"), modules_to_save,
+        config.get("layers_pattern"), modules_to_save, within, parameters, listed,
     )
     adapter = LoRA(
         r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
@@ -173,6 +180,24 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
         rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
     )
     return Translated([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
+
+
+def _attention_fallback(model: nn.Module | None) -> list[str]:
+    """The attention blocks whose linear ops a LoraConfig without target_modules adapts
+    when PEFT has no default for the model type (PEFT itself refuses the config)."""
+    model_type = default_targets.model_type(model)
+    blocks = default_targets.attention_blocks(model) if model is not None else {}
+    if not blocks:
+        raise RuleError(f"LoraConfig has no target_modules, PEFT has no default for model type {model_type!r} "
+                        "and the model has no attention blocks (modules named *Attention*) to fall back on; "
+                        "set target_modules")
+    classes = ", ".join(sorted(set(blocks.values())))
+    warnings.warn(
+        f"LoraConfig has no target_modules and PEFT 0.21 has no default for model type {model_type!r} "
+        f"(PEFT refuses this config); peftc adapts every linear op inside the model's {len(blocks)} "
+        f"attention blocks ({classes}). Set target_modules to choose the modules yourself",
+        UserWarning, stacklevel=5)
+    return list(blocks)
 
 
 def _all_linear(model: nn.Module | None, task_type) -> set[str]:
@@ -193,19 +218,28 @@ def _all_linear(model: nn.Module | None, task_type) -> set[str]:
 class _PeftTargets(Selector):
     """PEFT's module matching: target/exclude lists or regexes, layer filters."""
 
-    def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save):
+    def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save, within=None, parameters=(),
+                 listed=False):
+        # targets=None with ``within``: every linear op inside those modules (the attention fallback);
+        # ``parameters``: PEFT's target_parameters, weights matched by name (a MoE router's, see moe_targets)
         # every regex is compiled here, so a bad one is a RuleError naming its option before
         # the model is touched (not a raw re.error from the middle of matching)
         self.targets, self.exclude = targets, exclude
         self.layers = [layers] if isinstance(layers, int) else layers
         self.layers_pattern, self.modules_to_save = layers_pattern, modules_to_save
+        self.within, self.parameters, self.listed = within, set(parameters), listed
         self._targets = compile_regex(targets, "target_modules") if isinstance(targets, str) else None
         self._exclude = compile_regex(exclude, "exclude_modules") if isinstance(exclude, str) else None
         self._saved = [compile_regex(m, "modules_to_save", r"(^|.*\.){}($|\..*)") for m in modules_to_save]
         check_layers_pattern(layers_pattern)
 
     def __call__(self, site: Site) -> bool:
-        if not site.is_linear:
+        # Every kind of site a name reaches is selected, so LoRA adapts it or the rule raises
+        # (LoRA can't adapt it): a named target is never dropped. Only the attention fallback
+        # and parameter targets stay on linear ops.
+        if self.parameters and site.is_linear and moe_targets.matches_parameter(site.weight_path, self.parameters):
+            return True
+        if self.within is not None and not site.is_linear:
             return False
         key = site.path
         if self._exclude is not None:
@@ -217,23 +251,43 @@ class _PeftTargets(Selector):
             return False
         if self._targets is not None:
             return self._targets.fullmatch(key) is not None
-        if key in self.targets:
+        if self.within is not None:
+            if not any(key.startswith(f"{block}.") for block in self.within):
+                return False
+        elif key in self.targets:
             return True
-        if not any(key.endswith(f".{t}") for t in self.targets):
+        elif not any(key.endswith(f".{t}") for t in self.targets):
             return False
         if self.layers:
             return layer_index(key, self.layers_pattern) in self.layers
         return True
 
+    def check_sites(self, sites: list[Site]) -> None:
+        """Raise unless every listed target name and every parameter target reaches a site."""
+        paths = {s.path for s in sites}
+        missing = [t for t in (self.targets if self.listed else ()) if not _names_match([t], paths)]
+        missing += [p for p in sorted(self.parameters) if not any(
+            s.is_linear and moe_targets.matches_parameter(s.weight_path, {p}) for s in sites)]
+        if missing:
+            raise RuleError(f"target_modules / target_parameters {missing} match no op of the model "
+                            "(no module path ends with such a name, or the weight is not read by a linear op); "
+                            "remove them or fix their spelling")
+
     def describe(self):
+        if self.within is not None:
+            return f"peft_attention_blocks({len(self.within)} blocks)"
         return f"peft_target_modules({self.targets!r})"
 
     def hint(self):
+        if self.within is not None:
+            return next(iter(self.within), None)
         return self.targets if isinstance(self.targets, str) else next(iter(self.targets), None)
 
 
-def _names_match(names, key: str) -> bool:
-    return key in names or any(key.endswith(f".{n}") for n in names)
+def _names_match(names, key) -> bool:
+    """Whether ``key`` (a module path, or a set of them) is one of ``names`` or ends with ``.<name>``."""
+    keys = [key] if isinstance(key, str) else key
+    return any(k in names or any(k.endswith(f".{n}") for n in names) for k in keys)
 
 
 # -- writing --------------------------------------------------------------------------

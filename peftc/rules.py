@@ -169,6 +169,7 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     claimed: dict[str, Rule] = {}
     out = []
     for rule in rules:
+        rule.selector.check_sites(sites)
         hits = [s for s in sites if rule.selector(s)]
         if not hits:
             hint = rule.adapter.no_site_hint()

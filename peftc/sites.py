@@ -39,7 +39,8 @@ class Site:
             (``"embedding"``, ``"convolution"``...), which no built-in adapter supports.
         op: the ATen op of the first node (``aten.linear.default``).
         layout: ``"out_in"`` or ``"in_out"``: how the weight is stored for linear ops.
-        in_features, out_features: the linear map's sizes (0 when not linear).
+        in_features, out_features: the linear map's sizes; for an ``"embedding"`` lookup,
+            the table's rows and width; 0 otherwise.
         dtype, device: the weight's.
         layer: the layer index of ``path`` (PEFT's rule), or None.
         nodes: names of the graph nodes at this site, in graph order.
@@ -203,11 +204,13 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             known = sites.get(f"{path}.{wname}")
             if known is not None and known.is_linear:
                 continue  # a linear site holds linear ops only (x @ W.T's transpose, W ** 2 elsewhere)
+            lookup = node.target == aten.embedding.default and arg is node.args[0]
+            rows, width = weight.shape if lookup else (0, 0)
             site = sites.setdefault(
                 f"{path}.{wname}",
-                Site(path, wname, _op_name(node).split(".")[1], _op_name(node),
-                     dtype=weight.dtype, device=weight.device, layer=layer_index(path),
-                     input_embedding=weight is embed_weight and node.target == aten.embedding.default),
+                Site(path, wname, _op_name(node).split(".")[1], _op_name(node), in_features=int(rows),
+                     out_features=int(width), dtype=weight.dtype, device=weight.device, layer=layer_index(path),
+                     input_embedding=weight is embed_weight and lookup),
             )
             site.nodes.append(node.name)
     return list(sites.values())

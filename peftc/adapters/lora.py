@@ -12,6 +12,18 @@ because the adapter trains in float32 as PEFT's does)::
                                         y2 = aten.add(y, d)
                                         y3 = aten.where(gate, y2, y)        # per row (peftc adds it)
 
+At an embedding lookup (PEFT's ``lora_embedding_A [r, rows]`` and ``lora_embedding_B [width, r]``;
+no dropout, as in PEFT)::
+
+    y = aten.embedding(W, ids, pad)     y  = aten.embedding(W, ids, pad)
+                                 ==>    a  = aten.embedding(t(lora_embedding_A), ids, pad)
+                                        a  = aten.where(gate, a, 0)         # training only, per row
+                                        d  = aten.matmul(a, t(lora_embedding_B))
+                                        y2 = aten.add(y, aten.mul(d, scaling))
+
+A model that scales its embeddings after the lookup (Gemma's ``embed_scale``) scales the
+adapter's term with them, as PEFT does.
+
 The gate *selects* the adapted output or the original one; it never multiplies.
 Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
 in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
@@ -34,6 +46,7 @@ from ..match import compile_regex
 from .base import Adapter, widen
 
 aten = torch.ops.aten
+EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
 
 _INITS = (True, False, "gaussian")
 _COMBINATIONS = ("linear", "cat", "svd")
@@ -53,8 +66,22 @@ class LoRAState(nn.Module):
         return self.lora_A.shape[0]
 
 
+class LoRAEmbeddingState(nn.Module):
+    """The low-rank pair at one embedding lookup, with PEFT's names and layouts."""
+
+    def __init__(self, r: int, rows: int, width: int, scaling: float, dtype):
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, rows, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(width, r, dtype=dtype))
+        self.register_buffer("scaling", torch.tensor(scaling, dtype=dtype))
+
+    @property
+    def r(self) -> int:
+        return self.lora_embedding_A.shape[0]
+
+
 class LoRA(Adapter):
-    """Low-rank adaptation of linear-like ops.
+    """Low-rank adaptation of linear-like ops and embedding lookups.
 
     Arguments:
         r: rank, > 0.
@@ -106,13 +133,22 @@ class LoRA(Adapter):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def unsupported(self, site):
-        if not site.is_linear:
-            return f"LoRA supports linear-like ops (linear, addmm, mm, matmul), not {site.op}"
+        if not site.is_linear and site.kind != EMBEDDING:
+            return f"LoRA supports linear-like ops (linear, addmm, mm, matmul) and embedding lookups, not {site.op}"
         return None
 
-    def init_state(self, site) -> LoRAState:
+    def init_state(self, site) -> LoRAState | LoRAEmbeddingState:
         r, _ = self.rank_and_alpha(site.path)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
+        if site.kind == EMBEDDING:  # PEFT: A zeros and B normal, or (init=False) both normal
+            state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
+            with torch.no_grad():
+                nn.init.normal_(state.lora_embedding_B)
+                if self.init is False:
+                    nn.init.normal_(state.lora_embedding_A)
+                else:
+                    nn.init.zeros_(state.lora_embedding_A)
+            return state
         state = LoRAState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
         with torch.no_grad():
             if self.init == "gaussian":
@@ -126,6 +162,8 @@ class LoRA(Adapter):
         return state
 
     def emit(self, b, site):
+        if site.kind == EMBEDDING:
+            return self._emit_embedding(b, site)
         state_dtype = b.state.lora_A.dtype
         x = b.cast(b.x, state_dtype)
         if b.training:  # backward too: an inactive adapter's rows pass no gradient, even 0 @ NaN
@@ -137,11 +175,28 @@ class LoRA(Adapter):
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
+    def _emit_embedding(self, b, site):
+        """``y + scaling * (A^T[ids] @ B^T)``, the lookup with the base op's padding index."""
+        ids, padding = b.arg(1, "indices"), b.arg(2, "padding_idx")
+        table = b.call(aten.t.default, b.param("lora_embedding_A"))
+        a = b.call(aten.embedding.default, table, ids, -1 if padding is None else padding)
+        if b.training:  # an inactive adapter's rows pass no gradient, even 0 @ NaN
+            a = b.call(aten.where.ScalarOther, b.row_mask(b.y), a, 0)
+        d = b.call(aten.matmul.default, a, b.call(aten.t.default, b.param("lora_embedding_B")))
+        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
+        return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
+
     def merge_delta(self, site, state, weights):
+        if site.kind == EMBEDDING:
+            delta = widen(state.scaling) * (widen(state.lora_embedding_B) @ widen(state.lora_embedding_A))
+            return {site.weight_name: delta.T}
         delta = widen(state.scaling) * (widen(state.lora_B) @ widen(state.lora_A))
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 
     def saved_state(self, site, state, prefix):
+        if site.kind == EMBEDDING:
+            return {f"{prefix}lora_embedding_A": state.lora_embedding_A,
+                    f"{prefix}lora_embedding_B": state.lora_embedding_B}
         return {f"{prefix}lora_A.weight": state.lora_A, f"{prefix}lora_B.weight": state.lora_B}
 
     def config(self):
@@ -165,7 +220,8 @@ class LoRA(Adapter):
         if how not in _COMBINATIONS:
             raise RuleError(f"combination_type={how!r}; use one of {_COMBINATIONS}")
         if any(not isinstance(p.state, LoRAState) for p in sources):
-            raise RuleError("add_weighted_adapter combines LoRA adapters only")
+            raise RuleError("add_weighted_adapter combines LoRA adapters on linear ops only "
+                            "(not other kinds, nor LoRA on embeddings)")
         ranks = {p.state.r for p in sources}
         if how == "linear" and len(ranks) != 1:
             raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")

@@ -78,13 +78,16 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
 def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy a checkpoint's tensors into adapter ``name``'s state, all or nothing.
 
-    Keys are PEFT's.
+    Keys are PEFT's. PEFT also saves the base weights of a LoRA-adapted embedding
+    (``<path>.base_layer.weight``, for resized vocabularies); those must equal the model's,
+    up to rounding.
 
     Raises:
-        PeftcError: naming every missing, unexpected, or wrongly shaped key.
+        PeftcError: naming every missing, unexpected, or wrongly shaped key, or a saved
+            base embedding that differs from the model's.
     """
     expected = adapter_tensors(cm, name)
-    found = tensors
+    found = _without_base_copies(cm, name, tensors, source)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
@@ -100,6 +103,26 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
             if not isinstance(target, nn.Parameter) and not target.is_leaf:
                 raise PeftcError(f"{key} is computed (e.g. a prefix projection) and can't be loaded into")
             target.copy_(found[key])
+
+
+_BASE_COPY = ".base_layer.weight"
+
+
+def _without_base_copies(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``tensors`` less the base weights PEFT saves beside LoRA on an embedding, checked equal to the model's."""
+    keys = {f"{PEFT_KEY_PREFIX}{p.key}{_BASE_COPY}": p.site.weight_path for p in cm.sites
+            if p.adapter_name == name and p.site.kind == "embedding"}
+    for key, weight_path in keys.items():
+        if key in tensors:
+            weight = cm.base_model.get_parameter(weight_path)
+            saved = tensors[key]
+            # equal up to rounding: a merge and unmerge before saving leaves the last bits changed
+            if saved.shape != weight.shape or not torch.allclose(saved.to(weight.device, weight.dtype),
+                                                                 weight.detach(), rtol=1e-5, atol=1e-5):
+                raise PeftcError(f"{source} holds base weights for {weight_path} that differ from the model's "
+                                 "(a resized or retrained vocabulary?); peftc doesn't replace base weights. "
+                                 "Load the model those weights belong to")
+    return {k: v for k, v in tensors.items() if k not in keys}
 
 
 def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None) -> list[Path]:
