@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import PeftcError, QuantizationError, RuleError, first_line
 from .match import Selector
+from .quiet import hide_progress
 from .storage import is_packed, read_as, value
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def quantize_modules(model: nn.Module, spec: Quantize, paths: list[str], progres
     """
     bnb = _bitsandbytes()
     done: list[str] = []
-    with tqdm(paths, desc="quantizing", unit="linear", disable=_quiet(progress, len(paths))) as bar:
+    with tqdm(paths, desc="quantizing", unit="linear", disable=hide_progress(progress, len(paths))) as bar:
         for path in bar:
             old = model.get_submodule(path)
             try:
@@ -341,7 +342,3 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
                              "use_gradient_checkpointing=False")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {})
     return model
-
-
-def _quiet(progress: bool | None, n: int) -> bool:
-    return not progress if progress is not None else n < 64

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import widen
 from ..errors import MergeError
+from ..quiet import hide_progress
 from ..storage import encoded, is_packed, parts, read_as, value
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ def _write_deltas(model: nn.Module, placements: list[Placement], sign: int, prog
     packed weights alone: :func:`unfold` puts their bytes from before the merge back."""
     desc = "merging" if sign > 0 else "unmerging"
     ordered = placements if sign > 0 else placements[::-1]  # undo stacked kinds last-first
-    with tqdm(ordered, desc=desc, unit="site", disable=_quiet(progress, len(placements))) as bar:
+    with tqdm(ordered, desc=desc, unit="site", disable=hide_progress(progress, len(placements))) as bar:
         for p in bar:
             for path, param, delta in _deltas(model, p, sign):
                 if param is None:
@@ -343,7 +344,3 @@ def mergeable_or_raise(placements: list[Placement]) -> None:
             f"adapters {bad} can't be folded into weights (they add tokens or activations, not weight "
             "deltas); nothing was merged. Delete or disable them first, or export the graph with them baked in"
         )
-
-
-def _quiet(progress: bool | None, n: int) -> bool:
-    return not progress if progress is not None else n < 64
