@@ -286,8 +286,7 @@ def float_view(model: nn.Module) -> Iterator[Any]:
                 f"{type(module).__name__} holds its weight in bitsandbytes' CPU inference layout (set by running "
                 "it in eval mode under no_grad); reload the model, or compile it before running it"
             )
-        shape, dtype = read_as(weight)
-        compute = getattr(module, "compute_dtype", None) or dtype
+        shape, compute = read_as(weight)
         stand_in = nn.Parameter(torch.zeros((), dtype=compute, device=weight.device).expand(shape), False)
         swapped.append((module, weight, stand_in))
     owners = {id(stand_in): weight for _, weight, stand_in in swapped}

@@ -28,10 +28,12 @@ def is_packed(weight) -> bool:
 
 
 def read_as(weight) -> tuple[torch.Size, torch.dtype]:
-    """The shape and dtype ops read ``weight`` as: a packed weight's dequantized matrix."""
+    """The shape and dtype ops read ``weight`` as: a packed weight's dequantized matrix, in its
+    layer's compute dtype (the dtype it was quantized from when the layer sets none)."""
     if is_packed(weight):
         state = weight.quant_state
-        return torch.Size(state.shape), state.dtype
+        compute = getattr(getattr(weight, "module", None), "compute_dtype", None)
+        return torch.Size(state.shape), compute or state.dtype
     return weight.shape, weight.dtype
 
 

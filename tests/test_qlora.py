@@ -307,3 +307,21 @@ def test_quantizing_twice_and_missing_bitsandbytes_are_named(monkeypatch, tmp_pa
     plain = make_llama()
     with pytest.raises(peftc.QuantizationError, match=r"peftc\[qlora\]"):
         peftc.compile(plain, _rules(), backend="eager", quantize="nf4")
+
+
+def test_bfloat16_compute_dtype_trains_close_to_peft():
+    """With a compute dtype narrower than the input, LoRA's sum is rounded in the compute dtype
+    (the op's output), where PEFT adds after casting back: logits agree to bfloat16's precision."""
+    model = make_llama()
+    cm = peftc.compile(model, _rules(), backend="eager", quantize=peftc.Quantize(compute_dtype=torch.bfloat16))
+    pm = _peft(copy.deepcopy(model))
+    copy_peft_weights(cm, pm)
+    ids, mask = _batch(5)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                                   pm(input_ids=ids, attention_mask=mask).logits, atol=1e-2, rtol=1e-2)
+    cm.train()
+    pm.train()
+    loss_c = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss_p = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert abs(loss_c.item() - loss_p.item()) < 1e-3
