@@ -24,6 +24,7 @@ from .compiled import CompiledModel as CompiledModel
 from .compiled import PeftModel as PeftModel
 from .errors import MergeError as MergeError
 from .errors import PeftcError as PeftcError
+from .errors import QuantizationError as QuantizationError
 from .errors import RuleError as RuleError
 from .errors import TraceError as TraceError
 from .match import Selector as Selector
@@ -37,6 +38,8 @@ from .match import where as where
 from .passes.builder import Builder as Builder
 from .pattern import PatternSite as PatternSite
 from .pattern import pattern as pattern
+from .quantization import Quantize as Quantize
+from .quantization import prepare_model_for_kbit_training as prepare_model_for_kbit_training
 from .rules import Rule as Rule
 from .rules import RuleSet as RuleSet
 from .rules import load_rules as load_rules

@@ -27,6 +27,7 @@ def compile(
     backend: str | Callable | None = "inductor",
     adapter_name: str = "default",
     modules_to_save: list[str] | None = None,
+    quantize=None,
 ) -> CompiledModel:
     """Put adapters on ``model`` where ``rules`` say, and lower the result.
 
@@ -41,6 +42,11 @@ def compile(
         backend: a ``torch.compile`` backend name or callable; ``"eager"`` skips compilation.
         adapter_name: the name of this adapter (PEFT's ``"default"``); it is active.
         modules_to_save: module-name suffixes to train in full (added to the rules').
+        quantize: store the frozen linear weights in 4 bits with bitsandbytes (QLoRA):
+            ``"nf4"``, ``"fp4"``, :class:`peftc.Quantize` or ``BitsAndBytesConfig(load_in_4bit=True)``.
+            The model's ``nn.Linear`` modules become bitsandbytes ``Linear4bit`` in place,
+            one at a time, after every check has passed. A model already quantized by
+            transformers (4-bit) needs no ``quantize``.
 
     Returns:
         A :class:`~peftc.CompiledModel`.
@@ -48,10 +54,11 @@ def compile(
     Raises:
         RuleError: bad rules, or rules that match nothing or conflict.
         TraceError: the model could not be traced with ``example_inputs``.
+        QuantizationError: a ``quantize`` spec bitsandbytes can't run, or a selected weight it can't hold.
         Nothing about ``model`` changes when an error is raised.
     """
     return CompiledModel(model, rules, example_inputs, backend=backend, adapter_name=adapter_name,
-                         modules_to_save=modules_to_save)
+                         modules_to_save=modules_to_save, quantize=quantize)
 
 
 def from_pretrained(

@@ -31,9 +31,11 @@ from .formats import peft as peft_format
 from .generation import generate
 from .passes.merge import Folded, fold, refold, remove_biases, unfold
 from .peft_surface import PeftSurface
-from .program import Program, Programs
+from .program import Program, Programs, graph_of
+from .quantization import dequantize_modules, plan, quantize_modules, quantize_spec
 from .rules import checkpoint_rules, load_rules, match_rules
 from .signature import as_keywords, needs_boundary, showing_signature_of
+from .sites import find_sites
 from .state import BASE, AdapterState, Placement, train_biases
 from .trace import call_inputs, signature, trace, with_defaults
 
@@ -56,11 +58,24 @@ class CompiledModel(PeftSurface, nn.Module):
 
     def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
                  adapter_name: str = "default", modules_to_save: list[str] | None = None,
-                 trainable: bool = True):
+                 trainable: bool = True, quantize=None):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
-        first = trace(model, args, kwargs, signature(args, kwargs, model.training))
+        sig = signature(args, kwargs, model.training)
+        first = trace(model, args, kwargs, sig)
+        rules = load_rules(rules, model)
+        spec = quantize_spec(quantize)
+        if spec is not None and rules.quantize is not None and spec != rules.quantize:
+            raise RuleError("quantize is given both to compile and in the rules, differently; give it once")
+        spec = spec or rules.quantize
+        if spec is not None:  # every check first; then quantize, releasing float weights; then trace that
+            catalog = graph_of(first)
+            paths = plan(spec, model, find_sites(catalog, model))
+            match_rules(model, rules, catalog, modules_to_save)
+            del first, catalog
+            quantize_modules(model, spec, paths)
+            first = trace(model, args, kwargs, sig)
         self.training = model.training
         self.base_model = model
         self.state = AdapterState(model)
@@ -429,9 +444,19 @@ class CompiledModel(PeftSurface, nn.Module):
         remove_biases(self.base_model, folded.created_biases)
         self._write_gates()
 
-    def merge_and_unload(self, safe: bool = False, progress: bool | None = None) -> nn.Module:
-        """Merge, then return the user's own model object, now holding the merged weights."""
+    def merge_and_unload(self, safe: bool = False, progress: bool | None = None,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge, then return the user's own model object, now holding the merged weights.
+
+        Arguments:
+            dequantize: replace its 4-bit linears (``Linear4bit``) by ``nn.Linear`` with the
+                dequantized merged weights: a float model. The compiled model no longer
+                runs the base after this; use the returned model.
+        """
         self.merge(safe=safe, progress=progress)
+        if dequantize:
+            dequantize_modules(self.base_model)
+            self.programs.clear()
         return self.base_model
 
     # -- saving and exporting ---------------------------------------------------

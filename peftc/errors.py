@@ -17,6 +17,10 @@ class MergeError(PeftcError, RuntimeError):
     """Adapters could not be folded into (or out of) the weights."""
 
 
+class QuantizationError(PeftcError, ValueError):
+    """A quantize spec, or a weight, that bitsandbytes' 4-bit storage can't take."""
+
+
 def first_line(e: BaseException, limit: int = 400) -> str:
     """The first non-blank line of ``e``'s message, cut to ``limit`` characters; its type name if blank.
 

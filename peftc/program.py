@@ -27,6 +27,7 @@ from .passes.inline import inline_grad_regions
 from .passes.insert import insert_adapters, strip_adapters
 from .passes.lower import lower
 from .passes.merge import Folded
+from .passes.quantize import quantize_reads, restore_reads
 from .passes.swap import swap_params
 from .state import AdapterState
 from .trace import Trace, signature, trace
@@ -101,6 +102,7 @@ class Programs:
         strip what peftc inserted, then insert the adapters (unmerged) or wire the
         biases merging created (merged), and lower again."""
         for program in self:
+            restore_reads(program.gm)
             strip_adapters(program.gm)
             detach_biases(program.gm)
             self._adapt(program, folded)
@@ -130,4 +132,5 @@ class Programs:
                 swap_params(gm, state.saved(name), name, prefix)
             insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
+        quantize_reads(gm, prefix)  # last: adapters find the float linear a packed weight stands for
         program.fn = lower(gm, self._backend)

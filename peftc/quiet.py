@@ -39,3 +39,9 @@ def quiet(loggers: Iterable[str] = (), level: int = logging.ERROR, warnings: boo
             hf_logging.disable_progress_bar()
             stack.callback(hf_logging.enable_progress_bar)
         yield
+
+
+def hide_progress(progress: bool | None, n: int) -> bool:
+    """Whether a progress bar over ``n`` items stays hidden: as ``progress`` says, or by default
+    unless there are 64 items or more."""
+    return not progress if progress is not None else n < 64

@@ -7,6 +7,10 @@ The same rules can be written as a dict (or a JSON / YAML / TOML file)::
                 "select": {"linear": ".*\\\\.(q|v)_proj", "layers": [0, 1]}}],
      "modules_to_save": ["classifier"]}
 
+A ``"quantize"`` key stores the frozen linears in 4 bits (QLoRA): ``"nf4"``, or
+``{"quant_type": "nf4", "double_quant": true, "compute_dtype": "bfloat16",
+"blocksize": 64, "select": {...}}`` (see :class:`peftc.Quantize`).
+
 ``select`` is ``{"linear" | "module": regex or null, "layers": [...],
 "layers_pattern": name}``, ``{"op": [names]}``, or ``{"any" | "all": [selects]}``
 and ``{"not": select}`` for composition. A PEFT ``adapter_config.json`` (or a
@@ -29,6 +33,7 @@ from torch import fx, nn
 from . import match, peft_config
 from .adapters.base import Adapter, Rule, adapter_from_config
 from .errors import PeftcError, RuleError
+from .quantization import Quantize, quantize_spec
 from .sites import Site
 
 
@@ -43,12 +48,14 @@ class RuleSet:
         bias: PEFT's ``bias``: ``"none"``, ``"all"`` (every bias trains) or
             ``"lora_only"`` (biases of adapted ops train).
         task_type: PEFT's task type, when the rules came from a PEFT config.
+        quantize: store the frozen linear weights in 4 bits (:class:`peftc.Quantize`), or None.
     """
 
     rules: list[Rule]
     modules_to_save: list[str] = field(default_factory=list)
     bias: str = "none"
     task_type: str | None = None
+    quantize: Quantize | None = None
 
     def __post_init__(self):
         if self.bias not in ("none", "all", "lora_only"):
@@ -117,17 +124,21 @@ def _read_file(path: Path) -> dict:
 
 
 def _from_dict(data: dict) -> RuleSet:
-    unknown = set(data) - {"rules", "modules_to_save", "bias"}
+    unknown = set(data) - {"rules", "modules_to_save", "bias", "quantize"}
     if unknown or "rules" not in data:
         raise RuleError(
-            f"a rules dict has keys 'rules' (required), 'modules_to_save', 'bias'; got {sorted(data)}"
+            f"a rules dict has keys 'rules' (required), 'modules_to_save', 'bias', 'quantize'; got {sorted(data)}"
         )
     rules = []
     for i, item in enumerate(data["rules"]):
         if not isinstance(item, dict) or set(item) != {"adapter", "select"}:
             raise RuleError(f"rule {i}: expected {{'adapter': {{...}}, 'select': {{...}}}}, got {item!r}")
         rules.append(Rule(_selector_from_dict(item["select"]), adapter_from_config(item["adapter"])))
-    return RuleSet(rules, list(data.get("modules_to_save") or []), data.get("bias", "none"))
+    quantize = data.get("quantize")
+    if isinstance(quantize, dict) and quantize.get("select") is not None:
+        quantize = {**quantize, "select": _selector_from_dict(quantize["select"])}
+    return RuleSet(rules, list(data.get("modules_to_save") or []), data.get("bias", "none"), None,
+                   quantize_spec(quantize))
 
 
 def _selector_from_dict(data: dict) -> match.Selector:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .storage import read_as
+
 aten = torch.ops.aten
 
 LINEAR = "linear"
@@ -177,12 +179,13 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             continue
         weight = params[use.weight.target]
         path, wname = _site_name(node, weight, use.weight.target, model, owners, prefix)
-        out_f, in_f = weight.shape if use.layout == "out_in" else weight.shape[::-1]
+        shape, dtype = read_as(weight)  # a 4-bit packed weight reads as its float matrix
+        out_f, in_f = shape if use.layout == "out_in" else shape[::-1]
         bias = node.args[use.bias_index] if use.bias_index is not None else None
         site = sites.setdefault(
             f"{path}.{wname}",
             Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
-                 weight.dtype, weight.device, layer_index(path), has_bias=bias is not None,
+                 dtype, weight.device, layer_index(path), has_bias=bias is not None,
                  bias_name=_bias_name(bias, path, prefix)),
         )
         site.nodes.append(node.name)

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .boundary import MODEL_PREFIX, Boundary
 from .errors import PeftcError, TraceError, first_line
+from .quantization import float_view
 from .quiet import quiet
 from .signature import needs_boundary
 
@@ -194,13 +195,16 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
                              f"{sorted(set(kwargs) - set(inspect.signature(model.forward).parameters))}")
         boundary = Boundary(model, nn.Module(), [])
     try:
-        with quiet(["torch._export.non_strict_utils"], warnings=False):  # notes on dims export specialised
+        # float_view: 4-bit linears read as float ones, then point at their storage;
+        # quiet: export's notes on the dims it specialised
+        with float_view(model) as own_storage, quiet(["torch._export.non_strict_utils"], warnings=False):
             if boundary is not None:  # it takes the keyword inputs as one dict
                 dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
                 ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
             else:
                 dynamic = _dynamic_shapes(model, args, kwargs)
                 ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+            own_storage(ep)
     except PeftcError:
         raise
     except Exception as e:
@@ -244,7 +248,11 @@ def _explain(model, args, kwargs, error: Exception) -> str:
     name = type(model).__name__
     first = first_line(error, 500)
     text = str(error)
-    if "data-dependent" in text or "GuardOnDataDependent" in type(error).__name__:
+    if "Int8Params" in text or "Params4bit" in text or "attribute 'CB'" in text or "attribute 'SCB'" in text:
+        hint = ("the model holds bitsandbytes-quantized weights peftc can't trace: it traces 4-bit Linear4bit "
+                "layers but not 8-bit ones (Linear8bitLt). Load the model with "
+                "BitsAndBytesConfig(load_in_4bit=True), or in float and compile it with quantize='nf4'")
+    elif "data-dependent" in text or "GuardOnDataDependent" in type(error).__name__:
         hint = ("the model's Python code branches on tensor values, which a graph can't express. "
                 "Move that branch out of forward or pass inputs that avoid it")
     elif "use_cache" in text or "Cache" in text:

@@ -15,7 +15,12 @@ parameter before its first write, so a merge holds, at its peak, one extra copy
 of the weights it changes.
 
 Deltas are computed and applied in float32 (float64 stays float64), whatever the
-weights' dtype, then rounded once. The graph side of merging is
+weights' dtype, then rounded once. How a weight is read and written is up to its
+storage (:mod:`peftc.storage`), never the adapter kind: a 4-bit packed weight is
+dequantized, the deltas added, and the sum quantized again with its own
+settings (as PEFT merges into 4-bit layers), written into the same tensors.
+Requantizing can't be undone exactly, so the packed bytes from before the merge
+are kept (4 bits a weight) and unmerging puts them back, bit for bit. The graph side of merging is
 :func:`~peftc.passes.insert.strip_adapters` and :mod:`peftc.passes.bias`.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +37,8 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import widen
 from ..errors import MergeError
+from ..quiet import hide_progress
+from ..storage import encoded, is_packed, parts, read_as, value
 
 if TYPE_CHECKING:
     from ..state import Placement
@@ -47,6 +54,8 @@ class Folded:
         copies: the merged ``modules_to_save`` copies, by module path.
         stash: the original values of the parameters the copies overwrote.
         created_biases: biases created on bias-less linears (removed on unmerge).
+        packed: the parts of the 4-bit packed weights merged into, as they were before
+            (``(part, value)`` pairs); unmerging copies them back instead of subtracting.
     """
 
     names: list[str]
@@ -54,6 +63,7 @@ class Folded:
     copies: dict[str, nn.Module]
     stash: dict[str, torch.Tensor]
     created_biases: list[str]
+    packed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def fold(model: nn.Module, placements: list[Placement], saved: dict[str, dict[str, nn.Module]],
@@ -77,7 +87,8 @@ def fold(model: nn.Module, placements: list[Placement], saved: dict[str, dict[st
         _create_biases(model, missing, writes)
         _write_deltas(model, placements, +1, progress, writes)
         stash = _copy_in(model, copies, writes)
-    return Folded(list(saved), list(placements), copies, stash, [path for path, _ in writes.created])
+    return Folded(list(saved), list(placements), copies, stash, [path for path, _ in writes.created],
+                  writes.packed_originals())
 
 
 def unfold(model: nn.Module, folded: Folded, progress: bool | None = None) -> None:
@@ -90,10 +101,13 @@ def unfold(model: nn.Module, folded: Folded, progress: bool | None = None) -> No
     """
     _check_deltas(model, folded.placements, -1)
     with _all_or_nothing(model) as writes:
-        _write_deltas(model, folded.placements, -1, progress, writes)
-        for path, value in folded.stash.items():
-            writes.write(model.get_parameter(path), value)
+        _write_deltas(model, folded.placements, -1, progress, writes)  # packed weights: skipped
+        for path, original in folded.stash.items():
+            writes.write(model.get_parameter(path), original)
+        for part, original in folded.packed:
+            writes.copy(("packed", id(part)), part, original)
     folded.stash.clear()
+    folded.packed.clear()
 
 
 def refold(model: nn.Module, folded: Folded) -> None:
@@ -105,30 +119,45 @@ def refold(model: nn.Module, folded: Folded) -> None:
         _write_deltas(model, folded.placements, +1, False, writes)
         stash = _copy_in(model, folded.copies, writes)
     folded.stash.update(stash)
+    folded.packed.extend(writes.packed_originals())
 
 
 class _Writes:
     """The in-place changes of one merge step, kept so that a failure part-way can undo them.
 
-    Each parameter's value is copied before its first write; created biases are listed
+    Each stored tensor is copied before its first write; created biases are listed
     (with whether the module had the attribute before) so :meth:`rollback` removes them.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.originals: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.packed: list[tuple] = []  # keys of the originals that are parts of packed weights
         self.created: list[tuple[str, bool]] = []
 
+    def write(self, param: torch.Tensor, new: torch.Tensor) -> None:
+        """Store the float value ``new`` in ``param``, as its storage does (rounded, or quantized again)."""
+        for (role, part), fresh in zip(parts(param).items(), encoded(param, new).values(), strict=True):
+            key = (role, id(param))
+            if is_packed(param) and key not in self.originals:
+                self.packed.append(key)
+            self.copy(key, part, fresh)
+
     @torch.no_grad()
-    def write(self, param: torch.Tensor, value: torch.Tensor) -> None:
-        if id(param) not in self.originals:
-            self.originals[id(param)] = (param, param.detach().clone())
-        param.copy_(value)
+    def copy(self, key: tuple, part: torch.Tensor, new: torch.Tensor) -> None:
+        """Copy ``new`` into the stored tensor ``part`` (known by ``key``), keeping its first value."""
+        if key not in self.originals:
+            self.originals[key] = (part, part.clone())
+        part.copy_(new)
+
+    def packed_originals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(part, value before)`` of every packed-weight part written."""
+        return [self.originals[key] for key in self.packed]
 
     @torch.no_grad()
     def rollback(self) -> None:
-        for param, value in reversed(self.originals.values()):
-            param.copy_(value)
+        for part, original in reversed(self.originals.values()):
+            part.copy_(original)
         for path, existed in reversed(self.created):
             module_path, _, name = path.rpartition(".")
             module = self.model.get_submodule(module_path)
@@ -190,7 +219,7 @@ class _Widened(Mapping):
         self._params = dict(module.named_parameters(recurse=False))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return widen(self._params[name].detach())
+        return widen(value(self._params[name]))
 
     def __iter__(self):
         return iter(self._params)
@@ -216,8 +245,9 @@ def _target_param(model: nn.Module, p: Placement, path: str, delta: torch.Tensor
         param = model.get_parameter(path)
     except AttributeError as e:
         raise MergeError(f"{p}: the model has no parameter {path} to merge into") from e
-    if param.shape != delta.shape:
-        raise MergeError(f"{p}: delta shape {tuple(delta.shape)} doesn't fit {path} {tuple(param.shape)}")
+    shape, _ = read_as(param)
+    if shape != delta.shape:
+        raise MergeError(f"{p}: delta shape {tuple(delta.shape)} doesn't fit {path} {tuple(shape)}")
     return param
 
 
@@ -260,7 +290,7 @@ def _check_deltas(model: nn.Module, placements: list[Placement], sign: int, safe
 
 
 def _check_finite(p: Placement, path: str, param: torch.Tensor | None, delta: torch.Tensor) -> None:
-    current = delta.new_zeros(delta.shape) if param is None else param
+    current = delta.new_zeros(delta.shape) if param is None else value(param)
     new = (widen(current) + delta.to(current.device)).to(current.dtype)
     if not torch.isfinite(delta).all() or not torch.isfinite(new).all():
         raise MergeError(
@@ -293,15 +323,18 @@ def remove_biases(model: nn.Module, created: list[str]) -> None:
 def _write_deltas(model: nn.Module, placements: list[Placement], sign: int, progress: bool | None,
                   writes: _Writes) -> None:
     """Apply the deltas, each computed again on the weights as they are by then (a kind
-    stacked on another's merged weight reads them), through ``writes``."""
+    stacked on another's merged weight reads them), through ``writes``. Unmerging leaves
+    packed weights alone: :func:`unfold` puts their bytes from before the merge back."""
     desc = "merging" if sign > 0 else "unmerging"
     ordered = placements if sign > 0 else placements[::-1]  # undo stacked kinds last-first
-    with tqdm(ordered, desc=desc, unit="site", disable=_quiet(progress, len(placements))) as bar:
+    with tqdm(ordered, desc=desc, unit="site", disable=hide_progress(progress, len(placements))) as bar:
         for p in bar:
             for path, param, delta in _deltas(model, p, sign):
                 if param is None:
                     raise MergeError(f"{p}: no parameter {path} to merge into")
-                writes.write(param, (widen(param) + sign * delta.to(param.device)).to(param.dtype))
+                if sign < 0 and is_packed(param):
+                    continue
+                writes.write(param, widen(value(param)) + sign * delta.to(param.device))
 
 
 def mergeable_or_raise(placements: list[Placement]) -> None:
@@ -311,7 +344,3 @@ def mergeable_or_raise(placements: list[Placement]) -> None:
             f"adapters {bad} can't be folded into weights (they add tokens or activations, not weight "
             "deltas); nothing was merged. Delete or disable them first, or export the graph with them baked in"
         )
-
-
-def _quiet(progress: bool | None, n: int) -> bool:
-    return not progress if progress is not None else n < 64
