@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .boundary import MODEL_PREFIX, Boundary
 from .errors import PeftcError, TraceError, first_line
+from .kv_cache import CacheInputs
 from .quantization import float_view
 from .quiet import quiet
 from .signature import needs_boundary
@@ -199,7 +200,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
         # quiet: export's notes on the dims it specialised
         with float_view(model) as own_storage, quiet(["torch._export.non_strict_utils"], warnings=False):
             if boundary is not None:  # it takes the keyword inputs as one dict
-                dynamic = ({k: pytree.tree_map(_dim_spec, v) for k, v in kwargs.items()},)
+                dynamic = ({k: pytree.tree_map(_dim_spec, v, is_leaf=_is_cache) for k, v in kwargs.items()},)
                 ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
             else:
                 dynamic = _dynamic_shapes(model, args, kwargs)
@@ -214,14 +215,19 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
 
 def _dim_spec(v):
     """Batch (dim 0) of every tensor input is dynamic, and so is the sequence (dim 1) of
-    integer matrices (token ids, masks). Every dim of a tensor of rank 3 or more is
-    dynamic (export keeps what the model fixes, such as features or heads, static):
-    a KV cache's capacity is its dim 2. A float matrix's dim 1 is its features,
-    which the model fixes anyway."""
+    token-like inputs: integer tensors and tensors of rank 3 or more. A float matrix's
+    dim 1 is its features, which the model fixes anyway. Every dim of a KV cache's
+    tensors is dynamic (batch and capacity; export keeps heads and head size static)."""
+    if isinstance(v, CacheInputs):
+        return pytree.tree_map(lambda t: {d: Dim.AUTO for d in range(t.dim())} if t.dim() else None, v)
     if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return None
-    dynamic = v.dim() if v.dim() >= 3 else 2 if not v.is_floating_point() else 1
-    return {d: Dim.AUTO for d in range(dynamic)}
+    has_sequence = v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point())
+    return {d: Dim.AUTO for d in range(2 if has_sequence else 1)}
+
+
+def _is_cache(v) -> bool:
+    return isinstance(v, CacheInputs)
 
 
 def _dynamic_shapes(model, args, kwargs):
