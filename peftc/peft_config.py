@@ -1,14 +1,14 @@
 """PEFT's adapter configs <-> peftc rules, in both directions.
 
-Reading (:func:`to_rules`): a ``LoraConfig``, ``PromptTuningConfig`` or
-``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
+Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``
+or ``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
 semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
 per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 ``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA, prompt or prefix tuning, the native one
+model's adapter: PEFT's own for LoRA, IA³, prompt or prefix tuning, the native one
 for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
@@ -27,6 +27,7 @@ from torch import nn
 
 from . import default_targets, moe_targets
 from .adapters.base import Rule, adapter_from_config
+from .adapters.ia3 import IA3
 from .adapters.lora import LoRA
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
@@ -49,6 +50,20 @@ class Translated(NamedTuple):
 # -- reading --------------------------------------------------------------------------
 
 
+# PEFT's IA3 defaults: targets, and which of them are feed-forward (scaled on their input).
+_IA3_DEFAULTS = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+}
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS, when the model has them
 _IGNORED_WHEN_DEFAULT = {
     "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
@@ -200,6 +215,51 @@ def _attention_fallback(model: nn.Module | None) -> list[str]:
     return list(blocks)
 
 
+def _from_ia3(config: dict, model: nn.Module | None) -> Translated:
+    """Two rules: output scaling on the targets, input scaling on the feed-forward ones."""
+    init = config.get("init_ia3_weights", True)
+    if not isinstance(init, bool):
+        raise RuleError(f"init_ia3_weights={init!r} must be True or False")
+    modules_to_save, task_type = _task_options(config)
+    targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+    if targets is None:
+        targets = _default_for(model, {k: t for k, (t, _) in _IA3_DEFAULTS.items()}, "IA3Config", "target_modules")
+    if feedforward is None:
+        feedforward = _default_for(model, {k: f for k, (_, f) in _IA3_DEFAULTS.items()}, "IA3Config",
+                                   "feedforward_modules")
+    if not isinstance(targets, str) and not isinstance(feedforward, str) and not set(feedforward) <= set(targets):
+        raise RuleError(f"IA3Config feedforward_modules {sorted(set(feedforward) - set(targets))} are not in "
+                        "target_modules; every feed-forward module must also be a target")
+    selector = _target_selector(config, model, targets, modules_to_save)
+    if isinstance(feedforward, str):
+        pattern = compile_regex(feedforward, "feedforward_modules")
+        is_ff = where(lambda s: pattern.fullmatch(s.path) is not None, f"feedforward({feedforward!r})")
+    else:  # PEFT's test: a plain suffix, no dot required
+        names = tuple(feedforward)
+        is_ff = where(lambda s: s.path.endswith(names), f"feedforward({sorted(names)!r})")
+    rules = [Rule(selector & ~is_ff, IA3(feedforward=False, init=init)),
+             Rule(selector & is_ff, IA3(feedforward=True, init=init))]
+    return Translated(rules, modules_to_save, "none", task_type)
+
+
+def _default_for(model: nn.Module | None, table: dict, config_name: str, option: str):
+    """PEFT's per-model-type default for ``option``, or a RuleError asking for it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise RuleError(f"{config_name} has no {option} and peftc has no default for model type "
+                        f"{model_type!r}; set {option}")
+    return table[model_type]
+
+
+def _target_selector(config: dict, model: nn.Module | None, targets, modules_to_save) -> _PeftTargets:
+    """PEFT's module matching for ``targets`` with the config's exclusions and layer filters."""
+    listed = not isinstance(targets, str)  # names the user wrote: each must find a site
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, config.get("task_type"))
+    return _PeftTargets(targets, config.get("exclude_modules"), config.get("layers_to_transform"),
+                        config.get("layers_pattern"), modules_to_save, listed=listed)
+
+
 def _all_linear(model: nn.Module | None, task_type) -> set[str]:
     """PEFT's "all-linear": every nn.Linear / Conv1D except the output head."""
     if model is None:
@@ -294,7 +354,7 @@ def _names_match(names, key) -> bool:
 
 
 def adapter_config(cm, name: str) -> dict:
-    """The config dict for adapter ``name``: PEFT's for LoRA, prompt or prefix tuning,
+    """The config dict for adapter ``name``: PEFT's for LoRA, IA³, prompt or prefix tuning,
     peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
     placements = [p for p in cm.sites if p.adapter_name == name]
     kinds = {type(p.adapter) for p in placements}
@@ -302,6 +362,8 @@ def adapter_config(cm, name: str) -> dict:
         return _prompt_learning_config(cm, name, kinds.pop())
     if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
         return _lora_config(cm, name)
+    if kinds == {IA3}:
+        return _ia3_config(cm, name, placements)
     return _native_config(cm, name)
 
 
@@ -413,6 +475,23 @@ def _lora_config(cm, name: str) -> dict:
     }
 
 
+def _ia3_config(cm, name: str, placements) -> dict:
+    """A PEFT ``IA3Config`` dict that rebuilds adapter ``name`` on the same sites."""
+    options = cm.adapter_options(name)
+    return {
+        "peft_type": "IA3",
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "target_modules": sorted(p.key for p in placements),
+        "feedforward_modules": sorted(p.key for p in placements if p.adapter.feedforward),
+        "exclude_modules": None,
+        "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),
+        "init_ia3_weights": True,
+        "modules_to_save": options.get("modules_to_save") or None,
+    }
+
+
 def _alpha(p, use_rslora: bool) -> float:
     scaling = float(p.state.scaling)
     alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
@@ -429,5 +508,5 @@ def _task_type(model) -> str | None:
     return None
 
 
-_READERS = {"LORA": _from_lora, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
+_READERS = {"LORA": _from_lora, "IA3": _from_ia3, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
             NATIVE: _from_native}

@@ -49,7 +49,7 @@ class PeftSurface:
         """Each adapter's config as it would be saved (``adapter_config.json``), by name.
 
         PEFT's own config objects come from ``peft.PeftConfig.from_peft_type(**cm.peft_config[name])``
-        for the kinds PEFT holds (``peft_type`` LORA, PROMPT_TUNING, PREFIX_TUNING)."""
+        for the kinds PEFT holds (``peft_type`` LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)."""
         return {name: adapter_config(self, name) for name in self.adapters}
 
     @property

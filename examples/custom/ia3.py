@@ -29,7 +29,7 @@ aten = torch.ops.aten
 class IA3(peftc.Adapter):
     """``y * l`` after a linear-like op; with ``feedforward=True``, ``x * l`` before it."""
 
-    kind = "ia3"
+    kind = "ia3_example"  # the built-in peftc.IA3 is kind "ia3"
 
     def __init__(self, feedforward: bool = False):
         self.feedforward = feedforward
