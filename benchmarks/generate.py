@@ -1,9 +1,9 @@
 """Generation speed, side by side in one run: peftc vs PEFT vs the merged base model.
 
-Prints tokens per second (median of ``--repeats`` runs, after a warm-up run that
-also compiles) for batch 1 and batch 8 on a Llama-shaped model with LoRA r=16 on
-q/k/v/o, greedy, ``--new-tokens`` new tokens, and the ratios the issue's targets
-name:
+Prints tokens per second (median of ``--repeats`` rounds, the rows timed in turn
+in each round, after a warm-up run that also compiles) for batch 1 and batch 8 on
+a Llama-shaped model with LoRA r=16 on q/k/v/o, greedy, ``--new-tokens`` new
+tokens, and the ratios the issue's targets name:
 
 - peftc compiled vs PEFT's ``generate`` (target >= 1.0);
 - the compiled merged base vs peftc compiled, unmerged (target <= 1.15);
@@ -41,18 +41,21 @@ def lora(seed: int) -> LoraConfig:
                       init_lora_weights=False)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
+def timed(rows: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per row, the rows timed in turn in each round (a busy machine slows them alike)."""
+    for fn in rows.values():
+        fn()  # warm-up (and compile)
+    times = {name: [] for name in rows}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in rows.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -106,7 +109,7 @@ def main() -> None:
         if batch == 8:
             rows["peftc compiled, 4 adapters mixed"] = lambda ids=ids: gen(compiled, ids, adapter_names=names)
             rows["PEFT, 4 adapters mixed"] = lambda ids=ids: gen(pm, ids, adapter_names=names)
-        speed = {name: batch * args.new_tokens / timed(fn, args.repeats) for name, fn in rows.items()}
+        speed = {name: batch * args.new_tokens / seconds for name, seconds in timed(rows, args.repeats).items()}
         print(f"\nbatch {batch}")
         for name, value in speed.items():
             print(f"  {name:36s} {value:10.1f}")
