@@ -23,6 +23,7 @@ from .boundary import Boundary
 from .match import discover
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
+from .passes.checkpoint import Checkpointing, checkpointed
 from .passes.inline import inline_grad_regions
 from .passes.insert import insert_adapters, strip_adapters
 from .passes.lower import lower
@@ -63,6 +64,7 @@ class Programs:
         self._cache: dict[tuple, list[Program]] = {}
         self._first: Trace | None = first
         self._catalog = first
+        self._checkpointing: Checkpointing | None = None
 
     def __len__(self) -> int:
         return sum(len(programs) for programs in self._cache.values())
@@ -105,6 +107,19 @@ class Programs:
             detach_biases(program.gm)
             self._adapt(program, folded)
 
+    @property
+    def checkpointing(self) -> Checkpointing | None:
+        """The layers training graphs recompute in backward; None: none."""
+        return self._checkpointing
+
+    def set_checkpointing(self, checkpointing: Checkpointing | None) -> None:
+        """Recompute ``checkpointing``'s layers in backward in every training graph (None: none).
+        Built programs are lowered again from their adapted graphs; nothing is traced again."""
+        self._checkpointing = checkpointing
+        for program in self:
+            if program.trace.training:
+                program.fn = self._lower(program)
+
     def drop(self, stale: Callable[[Program], bool]) -> None:
         """Forget the programs ``stale`` picks (they are traced again when needed)."""
         self._cache = {k: kept for k, ps in self._cache.items() if (kept := [p for p in ps if not stale(p)])}
@@ -130,4 +145,10 @@ class Programs:
                 swap_params(gm, state.saved(name), name, prefix)
             insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
-        program.fn = lower(gm, self._backend)
+        program.fn = self._lower(program)
+
+    def _lower(self, program: Program) -> Callable:
+        gm, plan = program.gm, self._checkpointing
+        if plan is not None and program.trace.training:
+            gm = checkpointed(gm, plan, program.trace.prefix)
+        return lower(gm, self._backend)
