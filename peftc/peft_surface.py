@@ -78,6 +78,20 @@ class PeftSurface:
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
+    def enable_input_require_grads(self) -> None:
+        """The input embeddings' output requires grad in every graph (transformers' method, as PEFT
+        forwards it). peftc needs it for nothing; ``backend="eager"`` only (raises under compile)."""
+        embeddings = self.get_input_embeddings()
+        path = next((name for name, m in self.base_model.named_modules() if m is embeddings), None)
+        if path is None:
+            raise PeftcError(f"{type(self.base_model).__name__}.get_input_embeddings() is not one of its modules; "
+                             "enable_input_require_grads needs the embedding module the graph calls")
+        self.programs.set_input_grads(path)
+
+    def disable_input_require_grads(self) -> None:
+        """Undo :meth:`enable_input_require_grads`."""
+        self.programs.set_input_grads(None)
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False,
                                         layers: str | None = None) -> None:

@@ -53,11 +53,11 @@ def held_bytes(model: nn.Module, run, layers: list[nn.Module] = ()) -> int:
     return sum(held.values())
 
 
-def step(model: nn.Module) -> tuple[float, dict]:
+def step(model: nn.Module, **options) -> tuple[float, dict]:
     """One loss and backward on BATCH: the loss and every gradient, by parameter name (none when
     nothing trains: adapters disabled or merged)."""
     model.zero_grad(set_to_none=True)
-    loss = model(**BATCH).loss
+    loss = model(**BATCH, **options).loss
     if loss.requires_grad:
         loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -138,6 +138,8 @@ def test_checkpointing_follows_adapters_switched_disabled_merged_and_added():
             out[name] = step(cm)
         with cm.disable_adapter():
             out["disabled"] = step(cm)
+        cm.set_adapter(["default", "other"])  # per row (the gates are resized: the regions must see it)
+        out["mixed"] = step(cm, adapter_names=["other", "default", "__base__", "other"])
         cm.set_adapter("default")
         cm.merge()
         out["merged"] = step(cm)
@@ -211,3 +213,34 @@ def test_a_model_without_transformers_layers_names_its_layers():
     for name in off:
         torch.testing.assert_close(on[name], off[name], atol=0, rtol=0)
     assert held_on < held_off
+
+
+def test_input_require_grads_as_transformers_hooks_them():
+    model = make_llama().train()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**LORA)).train()
+    cm = peftc.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**LORA), backend="eager").train()
+    copy_peft_weights(cm, pm)
+    plain = step(cm)
+    for m in (pm, cm):
+        m.requires_grad_(False)  # nothing trains: only the hook makes the outputs require grad
+    ids = IDS[:2, :8]
+    assert not pm(input_ids=ids).logits.requires_grad and not cm(input_ids=ids).logits.requires_grad
+    pm.enable_input_require_grads()
+    cm.enable_input_require_grads()
+    cm.gradient_checkpointing_enable()
+    theirs, ours = pm(input_ids=ids).logits, cm(input_ids=ids).logits
+    assert theirs.requires_grad and ours.requires_grad
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours.sum().backward()  # through the frozen, checkpointed layers
+    cm.train()  # the active adapter trains again
+    assert_same_step(step(cm), plain, atol=0)
+    cm.disable_input_require_grads()
+    cm.requires_grad_(False)
+    assert not cm(input_ids=ids).logits.requires_grad
+
+
+def test_input_require_grads_is_refused_under_compile():
+    cm = peftc.compile(make_llama(), [peftc.LoRA(r=4).on(peftc.linear(r".*q_proj"))], backend="inductor")
+    with pytest.raises(peftc.PeftcError, match="backend='eager'"):
+        cm.enable_input_require_grads()
+    assert cm.programs.input_grads is None

@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import PeftcError
 from .builder import META_ADAPTER
+from .derive import empty_like, over_state
 
 # ``torch.utils.checkpoint.checkpoint``'s own options; any other keyword it would pass to the region.
 CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug",
@@ -117,8 +118,7 @@ def checkpointed(gm: fx.GraphModule, plan: Checkpointing, prefix: str = "") -> f
         return gm
     last = {run[-1]: i for i, run in enumerate(runs)}
     inside = {n for run in runs for n in run}
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen  # the same calling convention (pytree inputs and outputs)
+    graph = empty_like(gm)
     env: dict[fx.Node, fx.Node] = {}
     regions = {}
     for node in gm.graph.nodes:
@@ -127,16 +127,7 @@ def checkpointed(gm: fx.GraphModule, plan: Checkpointing, prefix: str = "") -> f
             regions[REGION.format(i)] = _outline(graph, runs[i], env, REGION.format(i), plan.options)
         elif node not in inside:
             env[node] = graph.node_copy(node, env.__getitem__)
-    holder = nn.Module()
-    atoms = {n.target.split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for atom in atoms:
-        setattr(holder, atom, getattr(gm, atom))
-    for name, region in regions.items():
-        holder.add_module(name, region)
-    out = fx.GraphModule(holder, graph)
-    for name, child in holder.named_children():  # share the state modules instead of copies of them
-        out.add_module(name, child)
-    return out
+    return over_state(gm, graph, regions)
 
 
 def _layers(model: nn.Module, pattern: str | None) -> list[str]:
