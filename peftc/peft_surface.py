@@ -75,6 +75,10 @@ class PeftSurface:
     def dtype(self) -> torch.dtype:
         return next(self.base_model.parameters()).dtype
 
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (transformers' method, which PEFT forwards; TRL calls it)."""
+        self.base_model.add_model_tags(tags)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
