@@ -124,6 +124,10 @@ def test_every_n_layers_and_a_layers_pattern_checkpoint_fewer_layers():
         held[name] = held_bytes(cm, run)
     cm.activation_checkpointing_disable()
     assert held["all"] < held["every 2"] < held["one"] < off[1]
+    fresh = peftc.compile(make_llama(num_hidden_layers=4), [peftc.LoRA(r=4).on(peftc.linear(r".*q_proj"))],
+                          backend="eager").train()
+    fresh.activation_checkpointing_enable()  # before any graph is built: built checkpointed
+    assert held_bytes(fresh, functools.partial(fresh, **BATCH)) == held["all"]
 
 
 def test_checkpointing_follows_adapters_switched_disabled_merged_and_added():
