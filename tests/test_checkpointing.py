@@ -1,10 +1,10 @@
 """Activation (gradient) checkpointing as a graph pass, against PEFT's and against peftc without it.
 
-The memory check counts what backward holds on to, as PEFT's own run does:
-tensors saved for backward (seen by ``saved_tensors_hooks``) plus, under
-``torch.utils.checkpoint``, the inputs each checkpointed layer keeps without
-the hooks seeing them (PEFT's layers take the mask and rotary tables as
-keyword arguments). Parameters and buffers are resident anyway and not counted.
+The memory check (``peftc.testing.held_bytes``) counts what backward holds on
+to: tensors saved for backward (seen by ``saved_tensors_hooks``) plus, under
+PEFT's ``torch.utils.checkpoint``, the keyword inputs each checkpointed layer
+keeps without the hooks seeing them (the mask and rotary tables).
+Parameters and buffers are resident anyway and not counted.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from conftest import assert_unchanged, copy_peft_weights, make_llama, snapshot, 
 from torch import nn
 
 import peftc
+from peftc.testing import held_bytes
 
 peft = pytest.importorskip("peft")
 
@@ -27,30 +28,6 @@ MASK = torch.ones_like(IDS)
 MASK[0, :5] = 0  # padding: PEFT's run builds an attention mask too (without, SDPA's causal flag needs none)
 LABELS = IDS.masked_fill(MASK == 0, -100)
 BATCH = dict(input_ids=IDS, attention_mask=MASK, labels=LABELS)
-
-
-def held_bytes(model: nn.Module, run, layers: list[nn.Module] = ()) -> int:
-    """Bytes of the non-parameter tensors that backward keeps after ``run()``: those saved for
-    backward, and the keyword tensor inputs of the checkpointed ``layers`` (kept by checkpoint)."""
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    held: dict[int, int] = {}
-
-    def hold(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in resident:
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def hold_inputs(module, args, kwargs):
-        torch.utils._pytree.tree_map(hold, kwargs)
-
-    handles = [layer.register_forward_pre_hook(hold_inputs, with_kwargs=True) for layer in layers]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(hold, lambda t: t):
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(held.values())
 
 
 def step(model: nn.Module, **options) -> tuple[float, dict]:
