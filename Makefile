@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo]'
 	$(PY) examples/quickstart.py
+	$(PY) examples/minilm_trainer.py
 
 lint: install
 	$(VENV)/bin/ruff check peftc tests examples benchmarks

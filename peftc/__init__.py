@@ -51,9 +51,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # peftc.Trainer imports transformers' Trainer (seconds): only when asked for.
+    # peftc.Trainer and peftc.SFTTrainer import transformers' Trainer (seconds) and TRL: only when asked for.
     if name == "Trainer":
         from .integrations.trainer import Trainer
 
         return Trainer
+    if name == "SFTTrainer":
+        from .integrations.trl import SFTTrainer
+
+        return SFTTrainer
     raise AttributeError(f"module 'peftc' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """PEFT's ``PeftModel`` surface on a compiled model: PEFT's names, and the attributes tools read.
 
 Everything here is written over :class:`~peftc.CompiledModel`'s public API
-(``base_model``, ``adapters``, ``active_adapters``, ``merge``, ``unmerge``), so
+(``base_model``, ``programs``, ``adapters``, ``active_adapters``, ``merge``, ``unmerge``), so
 that third-party code written for PEFT (transformers' ``Trainer``, scripts)
 finds what it looks for.
 """
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import PeftcError
+from .passes.checkpoint import plan
 from .peft_config import adapter_config
 
 
@@ -74,16 +75,63 @@ class PeftSurface:
     def dtype(self) -> torch.dtype:
         return next(self.base_model.parameters()).dtype
 
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (transformers' method, which PEFT forwards; TRL calls it)."""
+        self.base_model.add_model_tags(tags)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
-        """Not supported yet: refused rather than dropped (the traced graph would keep every
-        activation). ``Trainer(gradient_checkpointing=True)`` calls this."""
-        raise PeftcError("gradient checkpointing is not supported by peftc yet: its graph would keep every "
-                         "activation anyway. Train without it (TrainingArguments(gradient_checkpointing=False)); "
-                         "a graph pass that recomputes each layer is planned")
+    def enable_input_require_grads(self) -> None:
+        """The input embeddings' output requires grad in every graph (transformers' method, as PEFT
+        forwards it). peftc needs it for nothing; ``backend="eager"`` only (raises under compile)."""
+        embeddings = self.get_input_embeddings()
+        path = next((name for name, m in self.base_model.named_modules() if m is embeddings), None)
+        if path is None:
+            raise PeftcError(f"{type(self.base_model).__name__}.get_input_embeddings() is not one of its modules; "
+                             "enable_input_require_grads needs the embedding module the graph calls")
+        self.programs.set_input_grads(path)
+
+    def disable_input_require_grads(self) -> None:
+        """Undo :meth:`enable_input_require_grads`."""
+        self.programs.set_input_grads(None)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False,
+                                        layers: str | None = None) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (transformers' API;
+        ``Trainer(gradient_checkpointing=True)`` calls this).
+
+        Training graphs run each decoder layer (each ``GradientCheckpointingLayer``) as a
+        checkpointed region (:mod:`peftc.passes.checkpoint`); the graphs are not traced again.
+
+        Arguments:
+            activation_checkpointing_kwargs: options for ``torch.utils.checkpoint.checkpoint``.
+            every_n_layers: checkpoint every n-th layer only.
+            offload: not supported (raises).
+            layers: a regular expression over module paths picking the layers instead.
+        """
+        if offload:
+            raise PeftcError("activation checkpointing with offload=True is not supported by peftc; "
+                             "pass offload=False (TrainingArguments: drop 'offload' from activation_checkpointing_kwargs)")
+        self.programs.set_checkpointing(plan(self.base_model, activation_checkpointing_kwargs, every_n_layers, layers))
+
+    def activation_checkpointing_disable(self) -> None:
+        """Keep every activation again (transformers' API)."""
+        self.programs.set_checkpointing(None)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.programs.checkpointing is not None
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
-        """The older name of :meth:`activation_checkpointing_enable`."""
+        """The older name of :meth:`activation_checkpointing_enable` (PEFT and transformers 4 use it)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """The older name of :meth:`activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .boundary import Boundary
+from .errors import PeftcError
 from .match import discover
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
+from .passes.checkpoint import Checkpointing, checkpointed
 from .passes.inline import inline_grad_regions
+from .passes.input_grads import requiring_input_grads
 from .passes.insert import insert_adapters, strip_adapters
 from .passes.lower import lower
 from .passes.merge import Folded
@@ -64,6 +67,8 @@ class Programs:
         self._cache: dict[tuple, list[Program]] = {}
         self._first: Trace | None = first
         self._catalog = first
+        self._checkpointing: Checkpointing | None = None
+        self._input_grads: str | None = None
 
     def __len__(self) -> int:
         return sum(len(programs) for programs in self._cache.values())
@@ -107,6 +112,39 @@ class Programs:
             detach_biases(program.gm)
             self._adapt(program, folded)
 
+    @property
+    def checkpointing(self) -> Checkpointing | None:
+        """The layers training graphs recompute in backward; None: none."""
+        return self._checkpointing
+
+    def set_checkpointing(self, checkpointing: Checkpointing | None) -> None:
+        """Recompute ``checkpointing``'s layers in backward in every training graph (None: none).
+        Built programs are lowered again from their adapted graphs; nothing is traced again."""
+        self._checkpointing = checkpointing
+        for program in self:
+            if program.trace.training:
+                program.fn = self._lower(program)
+
+    @property
+    def input_grads(self) -> str | None:
+        """The module whose outputs every graph makes require grad; None: none."""
+        return self._input_grads
+
+    def set_input_grads(self, embeddings: str | None) -> None:
+        """Make module ``embeddings``'s outputs require grad in every graph (None: stop).
+
+        Raises:
+            PeftcError: under ``torch.compile``, which can't return such a tensor from its graph.
+        """
+        if embeddings is not None and self._backend not in (None, "eager"):
+            raise PeftcError(f"enable_input_require_grads: torch.compile (backend={self._backend!r}) can't make a "
+                             "tensor inside its graph require grad. peftc doesn't need it: gradients reach the "
+                             "adapters through frozen layers, and its checkpointing is non-reentrant. Don't call "
+                             "it, or compile with backend='eager'")
+        self._input_grads = embeddings
+        for program in self:
+            program.fn = self._lower(program)
+
     def drop(self, stale: Callable[[Program], bool]) -> None:
         """Forget the programs ``stale`` picks (they are traced again when needed)."""
         self._cache = {k: kept for k, ps in self._cache.items() if (kept := [p for p in ps if not stale(p)])}
@@ -133,4 +171,12 @@ class Programs:
             insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
         quantize_reads(gm, prefix)  # last: adapters find the float linear a packed weight stands for
-        program.fn = lower(gm, self._backend)
+        program.fn = self._lower(program)
+
+    def _lower(self, program: Program) -> Callable:
+        gm, plan, prefix = program.gm, self._checkpointing, program.trace.prefix
+        if self._input_grads is not None:
+            gm = requiring_input_grads(gm, self._input_grads, prefix)
+        if plan is not None and program.trace.training:
+            gm = checkpointed(gm, plan, prefix)
+        return lower(gm, self._backend)

@@ -104,9 +104,27 @@ def test_peftc_trainer_saves_and_resumes_peft_adapter_folders(tmp_path):
         torch.testing.assert_close(cm2.peftc.state_dict()[key], value, atol=1e-6, rtol=1e-5)
 
 
-def test_an_option_peftc_cannot_honour_is_named(pair, tmp_path):
-    """gradient_checkpointing=True is refused by name, not dropped in silence and not blamed on the inputs."""
-    _, cm = pair
-    trainer = Trainer(model=cm, args=_args(tmp_path, gradient_checkpointing=True), train_dataset=_data())
-    with pytest.raises(peftc.PeftcError, match="gradient checkpointing is not supported"):
+def test_gradient_checkpointing_trains_like_peft_with_it(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) turns on the checkpointing pass; the losses are PEFT's."""
+    model = make_llama().train()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**LORA))
+    cm = peftc.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**LORA), backend="eager")
+    copy_peft_weights(cm, pm)
+    losses = {}
+    for name, m in (("peft", pm), ("peftc", cm)):
+        trainer = Trainer(model=m, args=_args(tmp_path / name, gradient_checkpointing=True), train_dataset=_data())
         trainer.train()
+        losses[name] = _losses(trainer)
+    assert cm.is_gradient_checkpointing
+    assert len(losses["peftc"]) == 4
+    torch.testing.assert_close(torch.tensor(losses["peftc"]), torch.tensor(losses["peft"]), atol=1e-5, rtol=1e-5)
+
+
+def test_an_option_peftc_cannot_honour_is_named(pair, tmp_path):
+    """Offloading checkpointed activations is refused by name, not dropped in silence and not blamed on the inputs."""
+    _, cm = pair
+    args = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
+    trainer = Trainer(model=cm, args=args, train_dataset=_data())
+    with pytest.raises(peftc.PeftcError, match="offload=True"):
+        trainer.train()
+    assert not cm.is_gradient_checkpointing

@@ -24,8 +24,9 @@ from ..compiled import CompiledModel
 from ..formats.peft import WEIGHTS_NAME
 
 
-class Trainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints of a :class:`~peftc.CompiledModel` are PEFT adapters."""
+class AdapterCheckpoints:
+    """Mixed into a ``transformers.Trainer`` subclass: a :class:`~peftc.CompiledModel` saves, resumes
+    and reloads its best checkpoint as PEFT adapter folders."""
 
     def _compiled(self, model=None) -> CompiledModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -61,3 +62,7 @@ class Trainer(transformers.Trainer):
         if self._compiled() is None:
             return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class Trainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` whose checkpoints of a :class:`~peftc.CompiledModel` are PEFT adapters."""

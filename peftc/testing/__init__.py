@@ -12,6 +12,7 @@
 
 - :mod:`peftc.testing.assertions`: ``assert_merge_equivalent``,
   ``assert_unmerge_restores``, ``assert_roundtrip``;
+- :mod:`peftc.testing.memory`: ``held_bytes``, what backward keeps (for checkpointing);
 - :mod:`peftc.testing.strategies` (needs ``hypothesis``): random models, rules
   for a model, inputs for a model, and ``cases`` bundling the three.
 """
@@ -26,12 +27,14 @@ from .assertions import (
     assert_roundtrip,
     assert_unmerge_restores,
 )
+from .memory import held_bytes
 
 __all__ = [
     "TOLERANCES",
     "assert_merge_equivalent",
     "assert_roundtrip",
     "assert_unmerge_restores",
+    "held_bytes",
     "strategies",
 ]
 
