@@ -87,6 +87,8 @@ class CompiledModel(PeftSurface, nn.Module):
         self.state.update_trainability()
         self.__class__ = showing_signature_of(CompiledModel, type(model))
         model.register_forward_pre_hook(_warn_direct_calls(weakref.ref(self)))
+        if getattr(model, "is_activation_checkpointing", False):  # asked of the model (prepare_model_for_kbit_training)
+            self.gradient_checkpointing_enable()
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, example_inputs=None,

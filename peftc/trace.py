@@ -9,6 +9,7 @@ trace covers every size export could keep symbolic; a call it can't take
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -198,7 +199,9 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
     try:
         # float_view: 4-bit linears read as float ones, then point at their storage;
         # quiet: export's notes on the dims it specialised
-        with float_view(model) as own_storage, quiet(["torch._export.non_strict_utils"], warnings=False):
+        # and the model's own activation checkpointing off (peftc's graph pass does it instead)
+        with float_view(model) as own_storage, quiet(["torch._export.non_strict_utils"], warnings=False), \
+                _own_checkpointing_off(model):
             if boundary is not None:  # it takes the keyword inputs as one dict
                 dynamic = ({k: pytree.tree_map(_dim_spec, v, is_leaf=_is_cache) for k, v in kwargs.items()},)
                 ep = torch.export.export(boundary, (kwargs,), dynamic_shapes=dynamic, strict=False)
@@ -211,6 +214,20 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, sig: Signature, boundary:
     except Exception as e:
         raise TraceError(_explain(model, args, kwargs, e)) from e
     return Trace(ep, sig, tuple(kwargs), boundary.targets if boundary is not None else (), boundary is not None)
+
+
+@contextlib.contextmanager
+def _own_checkpointing_off(model: nn.Module):
+    """transformers' layers with ``gradient_checkpointing`` set call ``torch.utils.checkpoint``
+    themselves, which export can't trace: switch them off while tracing, back on after."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 def _dim_spec(v):
