@@ -92,12 +92,16 @@ def quantize_reads(gm: fx.GraphModule, prefix: str = "") -> int:
     Arguments:
         prefix: what the graph's parameter names carry in front of the model's own.
     """
+    if not any(is_packed(p) for p in gm.parameters()):
+        return 0
     holder = nn.Module()
     gm.add_module(KBIT_ROOT, holder)
     count = 0
     for node in list(gm.graph.nodes):
+        if node.target != torch.ops.aten.linear.default:
+            continue
         use = linear_use(node)
-        if use is None or node.target != torch.ops.aten.linear.default:
+        if use is None:
             continue
         weight = gm.get_parameter(use.weight.target)
         if not is_packed(weight):
