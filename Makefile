@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast fuzz lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: lint
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# the lifecycle state machine with many fresh examples of up to 60 steps (PEFTC_FUZZ_EXAMPLES, default 200)
+fuzz: install
+	PEFTC_FUZZ_EXAMPLES=$${PEFTC_FUZZ_EXAMPLES:-200} $(PY) -m pytest -q -p no:logging --hypothesis-show-statistics \
+		tests/test_state_machine.py
 
 bench: install
 	$(PY) benchmarks/overhead.py

@@ -402,7 +402,8 @@ class CompiledModel(PeftSurface, nn.Module):
     # -- merging ----------------------------------------------------------------
 
     def merge(self, safe: bool = False, progress: bool | None = None) -> None:
-        """Fold the active adapters into the weights and delete every adapter node.
+        """Fold the active adapters into the weights and delete every adapter node. While disabled
+        (:meth:`disable_adapter_layers`) they are merged as well, into the weights once enabled.
 
         Arguments:
             safe: first check that no merged weight would be NaN or infinite;
@@ -416,6 +417,13 @@ class CompiledModel(PeftSurface, nn.Module):
         """
         if self.merged:
             warnings.warn("adapters are already merged; nothing to do", stacklevel=2)
+            return
+        if self.state.disabled:  # merge the adapters enabling runs (as PEFT does); out of the weights till then
+            self.enable_adapter_layers()
+            try:
+                self.merge(safe, progress)
+            finally:
+                self.disable_adapter_layers()
             return
         names = self.state.active_names
         placements = [p for p in self.state.placements if p.adapter_name in names]
@@ -433,7 +441,8 @@ class CompiledModel(PeftSurface, nn.Module):
         if not self.merged:
             warnings.warn("adapters are not merged; nothing to do", stacklevel=2)
             return
-        unfold(self.base_model, self._folded, progress)  # all or nothing
+        if not self.state.disabled:  # disabled: disable_adapter_layers took the deltas out already
+            unfold(self.base_model, self._folded, progress)  # all or nothing
         self._now_unmerged()
 
     def _now_unmerged(self) -> None:

@@ -25,6 +25,7 @@ from .match import discover
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
 from .passes.checkpoint import Checkpointing, checkpointed
+from .passes.compact import compact
 from .passes.inline import inline_grad_regions
 from .passes.input_grads import requiring_input_grads
 from .passes.insert import insert_adapters, strip_adapters
@@ -110,6 +111,7 @@ class Programs:
             restore_reads(program.gm)
             strip_adapters(program.gm)
             detach_biases(program.gm)
+            compact(program.gm)  # free the erased nodes: rebuilding over and over must not grow memory
             self._adapt(program, folded)
 
     @property

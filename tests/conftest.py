@@ -7,6 +7,7 @@ Every transformers model here is built from a tiny config with random weights
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,16 @@ try:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         print_blob=True,
     )
-    settings.load_profile("peftc")
+    # ``make fuzz``: PEFTC_FUZZ_EXAMPLES examples of each property, new draws every run (what
+    # tests/test_state_machine.py runs with; the other tests fix their own max_examples)
+    settings.register_profile(
+        "peftc-fuzz",
+        parent=settings.get_profile("peftc"),
+        derandomize=False,
+        max_examples=int(os.environ.get("PEFTC_FUZZ_EXAMPLES") or 1),
+        stateful_step_count=60,
+    )
+    settings.load_profile("peftc-fuzz" if os.environ.get("PEFTC_FUZZ_EXAMPLES") else "peftc")
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     pass
 
@@ -145,6 +155,15 @@ def padded_batch(batch: int = 3, length: int = 9, seed: int = 0):
     return ids, mask
 
 
+def two_adapter_rules(other=r".*\.(k|o)_proj") -> tuple[list, list]:
+    """The rules of :func:`two_adapter_llama`'s adapters "default" and "other"."""
+    import peftc
+
+    return ([peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.(q|v)_proj"))],
+            [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(other)),
+             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
+
+
 def two_adapter_llama(other=r".*\.(k|o)_proj", backend="eager"):
     """A Llama compiled with LoRA "default" on q/v and "other" (LoRA on ``other``, BitFit on the
     MLP, random bias deltas), and a copy of the base model."""
@@ -152,10 +171,9 @@ def two_adapter_llama(other=r".*\.(k|o)_proj", backend="eager"):
 
     model = make_llama()
     base = copy.deepcopy(model)
-    cm = peftc.compile(model, [peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.(q|v)_proj"))],
-                       backend=backend).eval()
-    cm.add_adapter("other", [peftc.LoRA(r=2, alpha=4, init=False).on(peftc.linear(other)),
-                             peftc.BitFit().on(peftc.linear(r".*mlp\..*"))])
+    default_rules, other_rules = two_adapter_rules(other)
+    cm = peftc.compile(model, default_rules, backend=backend).eval()
+    cm.add_adapter("other", other_rules)
     with torch.no_grad():
         for p in cm.sites:
             if hasattr(p.state, "bias"):

@@ -256,6 +256,37 @@ def test_merge_disable_unmerge_keeps_the_active_adapter_acting(two_adapters):
     torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5, rtol=0)
 
 
+def test_unmerging_while_disabled_leaves_the_base_weights(two_adapters):
+    """Disabling while merged took the deltas out already: unmerging then must not subtract them again."""
+    cm, base = two_adapters
+    ids, mask = padded_batch(2, 6)
+    before = cm(input_ids=ids, attention_mask=mask).logits
+    cm.merge()
+    cm.disable_adapter_layers()
+    cm.unmerge()
+    assert not cm.merged and cm.active_adapters == []
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(cm.base_model.get_parameter(n), p, atol=1e-6, rtol=0)
+    cm.enable_adapter_layers()
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5, rtol=0)
+
+
+def test_merging_while_disabled_merges_the_active_adapters(two_adapters):
+    """As in PEFT: merged inside ``disable_adapter()``, the active adapters act once it exits."""
+    cm, base = two_adapters
+    ids, mask = padded_batch(2, 6)
+    run = lambda: cm(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    before = run()
+    with cm.disable_adapter():
+        cm.merge()
+        assert cm.merged and cm.active_adapters == []
+        torch.testing.assert_close(run(), base(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    assert cm.merged and cm.active_adapters == ["default"]
+    torch.testing.assert_close(run(), before, atol=1e-5, rtol=0)
+    cm.unmerge()
+    torch.testing.assert_close(run(), before, atol=1e-5, rtol=0)
+
+
 def test_deleting_an_adapter_drops_its_selectors():
     """A deleted adapter's rules stop searching new graphs (a pattern selector finds sites of its own)."""
     cm, _ = _two_adapters()
