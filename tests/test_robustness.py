@@ -198,13 +198,15 @@ def flaky():
 
 
 class _InterruptWriting:
-    """Patch ``Tensor.copy_`` so that the first write into ``target`` raises KeyboardInterrupt."""
+    """Patch ``Tensor.copy_`` so that the first write into ``target``'s storage (through any
+    view of it, such as a detached alias) raises KeyboardInterrupt."""
 
     def __init__(self, monkeypatch, target: torch.Tensor):
         original, self.fired = torch.Tensor.copy_, False
+        storage = target.untyped_storage().data_ptr()
 
         def copy_(tensor, src, *args, **kwargs):
-            if tensor is target and not self.fired:
+            if tensor.untyped_storage().data_ptr() == storage and not self.fired:
                 self.fired = True
                 raise KeyboardInterrupt
             return original(tensor, src, *args, **kwargs)
