@@ -77,13 +77,17 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
 
 
 def _active(cm) -> list:
-    return [p for p in cm.sites if p.adapter_name in cm.active_adapters and not cm.merged]
+    """The placements that act (none while merged: the weights hold them)."""
+    if cm.merged:
+        return []
+    return [p for p in cm.sites if p.adapter_name in cm.active_adapters]
 
 
 def _tokens(cm) -> tuple[int, int]:
-    """The active adapters' ``(cache slots, position shift)`` in front of the sequence."""
-    kinds = {p.adapter_name: p.adapter.generation_tokens() for p in _active(cm)}
-    return sum(k[0] for k in kinds.values()), sum(k[1] for k in kinds.values())
+    """The active adapters' ``(cache slots, position shift)`` in front of the sequence: counted
+    once per rule (a prefix's placements at every attention op share one table), summed over rules."""
+    rules = {(p.adapter_name, id(p.adapter)): p.adapter.generation_tokens() for p in _active(cm)}
+    return sum(k[0] for k in rules.values()), sum(k[1] for k in rules.values())
 
 
 def _generation_config(model: nn.Module, kwargs: dict) -> GenerationConfig:

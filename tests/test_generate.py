@@ -251,3 +251,18 @@ def test_calling_the_base_model_directly_warns(two):
         cm(input_ids=ids)
         with cm.disable_adapter():
             cm.base_model(input_ids=ids)  # nothing active: the base model is right
+
+
+def test_an_adapter_mixing_prompt_and_lora_generates_as_its_forward():
+    """Cache slots are counted per rule, so a prompt sharing its adapter with LoRA still leads
+    the cache; greedy tokens equal an argmax loop over the uncached forward."""
+    rules = [peftc.Prompt(3), peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.(q|v)_proj"))]
+    cm = peftc.compile(make_llama(), rules, backend="eager")
+    ids = left_padded(2, 6)[0][:, 3:].contiguous()  # no padding
+    out = greedy(cm, ids, torch.ones_like(ids))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            logits = cm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
