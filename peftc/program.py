@@ -172,7 +172,7 @@ class Programs:
                 swap_params(gm, state.saved(name), name, prefix)
             insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
-        quantize_reads(gm, prefix)  # last: adapters find the float linear a packed weight stands for
+        quantize_reads(gm, prefix, program.trace.training)  # last: adapters find the float linear a packed weight stands for
         program.fn = self._lower(program)
 
     def _lower(self, program: Program) -> Callable:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .errors import PeftcError, QuantizationError, RuleError, first_line
 from .match import Selector
 from .quiet import hide_progress
-from .storage import is_packed, read_as, value
+from .storage import bind, bits, is_packed, read_as, value
 
 if TYPE_CHECKING:
     from .sites import Site
@@ -165,7 +165,7 @@ def plan(spec: Quantize, model: nn.Module, sites: list[Site]) -> list[str]:
     """
     _bitsandbytes()
     if any(is_packed(p) for p in model.parameters()):
-        raise QuantizationError(f"{type(model).__name__} is quantized already (bitsandbytes 4-bit weights); "
+        raise QuantizationError(f"{type(model).__name__} is quantized already (bitsandbytes 4-bit or 8-bit weights); "
                                 "compile it without quantize=")
     selector = spec.select if spec.select is not None else DefaultLinears()
     head = _output_head(model)
@@ -253,40 +253,63 @@ def quantize_modules(model: nn.Module, spec: Quantize, paths: list[str], progres
 
 
 def dequantize_modules(model: nn.Module) -> list[str]:
-    """Replace every bitsandbytes ``Linear4bit`` in ``model`` by an ``nn.Linear`` with its dequantized
-    weight (in the dtype it was quantized from); return their paths."""
-    paths = [p for p, m in model.named_modules() if is_packed(getattr(m, "weight", None))]
-    for path in paths:
-        old = model.get_submodule(path)
+    """Replace every bitsandbytes ``Linear4bit`` and ``Linear8bitLt`` in ``model`` by an ``nn.Linear``
+    with its dequantized weight (a 4-bit one in the dtype it was quantized from, an 8-bit one in
+    float32, as bitsandbytes dequantizes them); return their paths."""
+    return list(_dequantize(model))
+
+
+def _dequantize(model: nn.Module) -> dict[str, nn.Module]:
+    """:func:`dequantize_modules`, returning the quantized modules it replaced, by path."""
+    replaced = {p: m for p, m in model.named_modules() if is_packed(getattr(m, "weight", None))}
+    for path, old in replaced.items():
         new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
         new.weight = nn.Parameter(value(old.weight), requires_grad=False)
         new.bias = old.bias
         new.train(old.training)
         model.set_submodule(path, new)
-    return paths
+    return replaced
+
+
+@contextmanager
+def dequantized(model: nn.Module) -> Iterator[list[str]]:
+    """Inside, ``model``'s quantized linears are float ``nn.Linear`` (:func:`dequantize_modules`);
+    on exit the quantized modules themselves are back, their storage untouched by what
+    happened to the float weights. Yields the paths replaced."""
+    replaced = _dequantize(model)
+    try:
+        yield list(replaced)
+    finally:
+        for path, old in replaced.items():
+            model.set_submodule(path, old)
 
 
 @contextmanager
 def float_view(model: nn.Module) -> Iterator[Any]:
-    """Inside, each 4-bit linear of ``model`` looks to ``torch.export`` like the float linear it stands for.
+    """Inside, each quantized linear of ``model`` looks to ``torch.export`` like the float linear it stands for.
 
-    Its weight reads as a zero-byte ``[out, in]`` tensor of the compute dtype, and its
-    forward as bitsandbytes' (the input cast to the compute dtype, the output cast
-    back) with ``F.linear``. Yields ``own(ep)``: call it on the exported program to
-    point its weights back at the packed ``Params4bit`` (same object, never a copy);
-    :mod:`peftc.passes.quantize` makes the graph read them. Everything is restored on exit.
+    Its weight reads as a zero-byte ``[out, in]`` tensor of the compute dtype (a 4-bit
+    layer's; for an 8-bit layer, which computes in its input's dtype, the model's float
+    dtype), and its forward as bitsandbytes' (the input cast to the compute dtype, the
+    output cast back) with ``F.linear``. Yields ``own(ep)``: call it on the exported
+    program to point its weights back at the quantized parameters (same object, never a
+    copy); :mod:`peftc.passes.quantize` makes the graph read them. Everything is restored
+    on exit, except that an 8-bit weight stays bound to its layer (:func:`peftc.storage.bind`).
     """
     swapped = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if not is_packed(weight):
             continue
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
             raise QuantizationError(
                 f"{type(module).__name__} holds its weight in bitsandbytes' CPU inference layout (set by running "
                 "it in eval mode under no_grad); reload the model, or compile it before running it"
             )
+        bind(weight, module)
         shape, compute = read_as(weight)
+        if bits(weight) == 8:
+            compute = _float_dtype(model)
         stand_in = nn.Parameter(torch.zeros((), dtype=compute, device=weight.device).expand(shape), False)
         swapped.append((module, weight, stand_in))
     owners = {id(stand_in): weight for _, weight, stand_in in swapped}
@@ -299,6 +322,11 @@ def float_view(model: nn.Module) -> Iterator[Any]:
         for module, weight, _ in swapped:
             module._parameters["weight"] = weight
             del module.forward
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first float parameter that isn't quantized (float32 if none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not is_packed(p)), torch.float32)
 
 
 def _float_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -272,8 +272,8 @@ def _explain(model, args, kwargs, error: Exception) -> str:
     first = first_line(error, 500)
     text = str(error)
     if "Int8Params" in text or "Params4bit" in text or "attribute 'CB'" in text or "attribute 'SCB'" in text:
-        hint = ("the model holds bitsandbytes-quantized weights peftc can't trace: it traces 4-bit Linear4bit "
-                "layers but not 8-bit ones (Linear8bitLt). Load the model with "
+        hint = ("the model holds bitsandbytes-quantized weights outside the Linear4bit and Linear8bitLt layers "
+                "peftc traces through (a custom quantized layer?). Load the model with "
                 "BitsAndBytesConfig(load_in_4bit=True), or in float and compile it with quantize='nf4'")
     elif "data-dependent" in text or "GuardOnDataDependent" in type(error).__name__:
         hint = ("the model's Python code branches on tensor values, which a graph can't express. "

@@ -169,12 +169,67 @@ def test_transformers_quantized_model_compiles_on_its_own_storage(tmp_path, conf
     assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
 
 
-def test_8bit_model_gets_a_trace_error_naming_quantization(tmp_path):
-    make_llama().save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    with pytest.raises(peftc.TraceError, match="bitsandbytes-quantized") as e:
-        peftc.compile(model, _rules(), backend="eager")
-    assert "example_inputs" not in str(e.value).split("Try:")[1]
+def _hf_8bit(tmp_path, **config):
+    make_llama().save_pretrained(tmp_path / "float")
+    config = BitsAndBytesConfig(load_in_8bit=True, **config)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32, quantization_config=config)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])  # LLM.int8() with outliers in float16, and without
+def test_8bit_model_matches_peft_forward_training_step_and_merge(tmp_path, threshold):
+    model = _hf_8bit(tmp_path, llm_int8_threshold=threshold).eval()
+    pm = _peft(copy.deepcopy(model)).eval()
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    cm = peftc.compile(model, _rules(), backend="eager").eval()
+    copy_peft_weights(cm, pm)
+    ids, mask = _batch()
+    gm = cm.graph_module(input_ids=ids, attention_mask=mask)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert gm.get_buffer("peftc_kbit.model_layers_1_self_attn_q_proj_weight.int8").data_ptr() == q.data_ptr()
+    with torch.no_grad():
+        unmerged = cm(input_ids=ids, attention_mask=mask).logits
+        assert (unmerged - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-4
+    cm.train()
+    pm.train()
+    loss_c = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss_p = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert abs(loss_c.item() - loss_p.item()) < 1e-3
+    loss_c.backward()
+    loss_p.backward()
+    grads = dict(pm.named_parameters())
+    for p in cm.sites:
+        want = grads[f"base_model.model.{p.path}.lora_A.default.weight"].grad
+        torch.testing.assert_close(p.state.lora_A.grad, want, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    cm.eval()
+    pm.eval()
+    with torch.no_grad():
+        cm.merge()
+        pm.merge_adapter()
+        merged = cm(input_ids=ids, attention_mask=mask).logits
+        peft_merged = pm(input_ids=ids, attention_mask=mask).logits
+        assert (merged - peft_merged).abs().max() <= 1e-5 + 1e-3 * (peft_merged - unmerged).abs().max()
+        assert not torch.equal(q.data, stored["model.layers.1.self_attn.q_proj.weight"])
+        cm.unmerge()
+        assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+        assert torch.equal(cm(input_ids=ids, attention_mask=mask).logits, unmerged)
+
+
+def test_8bit_model_that_ran_before_compiling_and_unloads_to_float(tmp_path):
+    """bitsandbytes moves an 8-bit layer's scales into its state on the layer's first call."""
+    model = _hf_8bit(tmp_path).eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    assert model.model.layers[0].self_attn.q_proj.weight.SCB is None
+    cm = peftc.compile(model, _rules(init=True), backend="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(cm(input_ids=ids, attention_mask=mask).logits, base)  # B starts at zero
+        weights = {p: bnb.functional.int8_vectorwise_dequant(m.weight.data, m.state.SCB)
+                   for p, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+        plain = cm.merge_and_unload(dequantize=True)
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules())
+    assert all(torch.equal(plain.get_submodule(p).weight, w) for p, w in weights.items())
 
 
 # -- merging --------------------------------------------------------------------------------
@@ -216,6 +271,34 @@ def test_merge_and_unload_dequantize_returns_a_float_model():
     assert all(p.dtype == torch.float32 for p in out.parameters())
     with torch.no_grad():
         torch.testing.assert_close(out(input_ids=ids, attention_mask=mask).logits, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_export_hf_merges_into_dequantized_weights_and_leaves_the_4bit_model_as_it_was(tmp_path):
+    model = make_llama()
+    cm = peftc.compile(model, _rules(), backend="eager", quantize="nf4").eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        before = cm(input_ids=ids, attention_mask=mask).logits
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftc.PeftcError, match="format='hf'"):
+        cm.export(tmp_path / "model.pt2", "pt2")
+    cm.export(tmp_path / "hf", "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not hasattr(exported.config, "quantization_config")
+    assert type(exported.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():  # an independent float64 merge of the dequantized weights
+        q = _packed(model)["model.layers.0.self_attn.q_proj"]
+        site = next(p for p in cm.sites if p.path == "model.layers.0.self_attn.q_proj")
+        lora = site.state
+        want = (bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).double()
+                + 2 * lora.lora_B.double() @ lora.lora_A.double())
+        torch.testing.assert_close(exported.model.layers[0].self_attn.q_proj.weight.double(), want,
+                                   atol=1e-6, rtol=1e-6)
+        assert (exported(input_ids=ids, attention_mask=mask).logits - before).abs().max() < 1e-4
+        assert torch.equal(cm(input_ids=ids, attention_mask=mask).logits, before)
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    assert sorted(_packed(model)) == sorted(p for p, m in model.named_modules()
+                                            if isinstance(m, nn.Linear) and p != "lm_head")
 
 
 # -- saving ---------------------------------------------------------------------------------

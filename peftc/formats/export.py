@@ -20,6 +20,14 @@ example inputs and on a second batch with another batch size and length.
 - ``"hf"``: the user's own model class with merged weights, written by its
   ``save_pretrained``; loads with plain transformers (``from_pretrained``).
 
+A bitsandbytes-quantized base (4-bit or 8-bit) exports to ``"hf"`` only: the
+adapters merged into its *dequantized* weights, a float model that plain
+transformers loads (the quantized layers themselves are untouched and back in
+place afterwards). ``"pt2"`` and ``"onnx"`` raise: a program holding
+bitsandbytes' storage needs bitsandbytes' ops to load, not torch alone. An
+8-bit base computes with int8 activations (LLM.int8()), so its float export is
+compared with the quantized model at 2e-2 by default.
+
 Prompt and prefix adapters can't be folded into weights. ``"pt2"`` and
 ``"onnx"`` export the adapted graph itself, the prompt or prefix table baked
 into the artifact; ``"hf"`` raises :class:`~peftc.PeftcError`.
@@ -49,8 +57,10 @@ from torch.utils import _pytree as pytree
 
 from ..errors import MergeError, PeftcError, first_line
 from ..passes.merge import mergeable_or_raise, missing_biases
+from ..quantization import dequantized
 from ..quiet import quiet
 from ..signature import as_keywords
+from ..storage import bits
 from ..trace import call_inputs, default_inputs, with_defaults
 from .verify import ExportResult, flatten_outputs, other_batch, verify_artifact
 
@@ -102,9 +112,16 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
     fmt = _check_format(format)
     target = _target(path, fmt)
     model = cm.base_model
+    quantized = {bits(p) for p in model.parameters()} - {None}
+    if quantized and fmt != "hf":
+        raise PeftcError(f"{type(model).__name__} holds bitsandbytes {'/'.join(f'{b}-bit' for b in sorted(quantized))} "
+                         f"weights, which a {fmt} program torch loads alone can't hold. Export format='hf' "
+                         "(the adapters merged into the dequantized weights: a float model)")
     if fmt == "hf":
         _check_hf_model(model)
         _check_mergeable(cm)
+    if 8 in quantized and atol is None:  # LLM.int8() rounds activations to int8; the float export doesn't
+        atol = rtol = 2e-2
     stage = on_stage or (lambda name: None)
     modes = [(m, m.training) for m in cm.modules()]
     was_merged = cm.merged
@@ -117,37 +134,63 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
             refs = [flatten_outputs(cm(**b)) for b in batches]
         if not refs[0]:
             raise PeftcError(f"{type(model).__name__} returns no tensors for these inputs; nothing to export")
-        reason = _merge(cm, fmt)
-        stage("export")
         tensors = [name for name, v in inputs.items() if isinstance(v, torch.Tensor)]
         outputs = [name for name, _ in refs[0]]
-        (target if fmt == "hf" else target.parent).mkdir(parents=True, exist_ok=True)
-        if fmt == "hf":
-            _save_hf(cm, target)
-        else:
-            module = _Program.build(cm, inputs, tensors, reason)
-            with quiet(LOGGERS, hf_progress=True), torch.no_grad():
-                ep = _export_program(module, cm, inputs, tensors)
-                if fmt == "pt2":
-                    meta = {"inputs": tensors, "outputs": outputs, "model": type(model).__name__,
-                            "merged": reason is None}
-                    torch.export.save(ep, target, extra_files={METADATA: json.dumps(meta)})
-                else:
-                    _save_onnx(ep, target, {k: inputs[k] for k in tensors}, outputs)
+        with _float_base(cm) if quantized else contextlib.nullcontext():
+            try:
+                reason = _merge(cm, fmt)
+                stage("export")
+                _write(cm, target, fmt, inputs, tensors, outputs, reason)
+            finally:
+                if cm.merged and not was_merged:
+                    with quiet():
+                        cm.unmerge(progress=False)
         merged = reason is None
     finally:
-        try:
-            if cm.merged and not was_merged:
-                with quiet():
-                    cm.unmerge(progress=False)
-        finally:
-            for m, training in modes:
-                m.training = training
+        for m, training in modes:
+            m.training = training
     result = ExportResult(target, fmt, tensors, outputs, merged)
     if verify:
         stage("verify")
         verify_artifact(result, model, batches, refs, atol, rtol)
     return result
+
+
+def _write(cm, target: Path, fmt: str, inputs: dict, tensors: list[str], outputs: list[str],
+           reason: str | None) -> None:
+    (target if fmt == "hf" else target.parent).mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        _save_hf(cm, target)
+        return
+    module = _Program.build(cm, inputs, tensors, reason)
+    with quiet(LOGGERS, hf_progress=True), torch.no_grad():
+        ep = _export_program(module, cm, inputs, tensors)
+        if fmt == "pt2":
+            meta = {"inputs": tensors, "outputs": outputs, "model": type(cm.base_model).__name__,
+                    "merged": reason is None}
+            torch.export.save(ep, target, extra_files={METADATA: json.dumps(meta)})
+        else:
+            _save_onnx(ep, target, {k: inputs[k] for k in tensors}, outputs)
+
+
+@contextlib.contextmanager
+def _float_base(cm):
+    """Inside, the quantized base's linears are float ones holding the dequantized weights, so a
+    merge adds the deltas exactly (no requantizing) and ``save_pretrained`` writes a float model;
+    the quantized modules come back untouched on exit. The built graphs read the quantized
+    storage, so they are dropped first (the next call traces again) rather than rebuilt around
+    weights they don't read."""
+    cm.programs.clear()
+    with dequantized(cm.base_model), quiet(LOGGERS):
+        config = getattr(cm.base_model, "config", None)
+        quantization = getattr(config, "quantization_config", None)
+        if quantization is not None:  # what transformers' from_pretrained read: the export has none
+            del config.quantization_config
+        try:
+            yield
+        finally:
+            if quantization is not None:
+                config.quantization_config = quantization
 
 
 # -- preparing --------------------------------------------------------------------

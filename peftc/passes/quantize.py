@@ -1,4 +1,4 @@
-"""Read 4-bit packed weights with bitsandbytes' kernels: the linear ops of quantized weights, rewritten.
+"""Read quantized weights with bitsandbytes' kernels: the linear ops of 4-bit and 8-bit weights, rewritten.
 
 A traced graph reads a quantized linear as the float linear it stands for
 (:func:`peftc.quantization.float_view`); adapters are inserted on that. This
@@ -16,6 +16,11 @@ keeps only the packed weight, never a float copy, as bitsandbytes' ``MatMul4Bit`
 does. The storage tensors are the model's own (``peftc_kbit`` holds them under
 the graph module; never copies), so a merge that writes them in place is read
 by every graph at once. :func:`restore_reads` undoes the pass exactly, for rebuilding.
+
+An 8-bit weight's op becomes ``peftc.linear_8bit(%x, %int8, %scales, threshold,
+training, %b)``, which runs bitsandbytes' own LLM.int8() matmul (``bnb.matmul``)
+as ``Linear8bitLt`` does in the same mode, outlier threshold included; its input
+gradient multiplies by the dequantized rows, as bitsandbytes' backward does.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from ..sites import linear_use
-from ..storage import is_packed, parts
+from ..storage import bits, is_packed, parts
 
 KBIT_ROOT = "peftc_kbit"  # attribute of the graph module that holds the packed weights' tensors
 META_KBIT = "peftc_kbit"  # on a rewritten op: its original (target, args, weight read's target)
@@ -86,11 +91,62 @@ def _backward(ctx, grad):
 linear_4bit.register_autograd(_backward, setup_context=_setup)
 
 
-def quantize_reads(gm: fx.GraphModule, prefix: str = "") -> int:
-    """Rewrite every ``aten.linear`` whose weight is packed into ``peftc::linear_4bit``; return how many.
+@torch.library.custom_op("peftc::linear_8bit", mutates_args=())
+def linear_8bit(x: torch.Tensor, int8: torch.Tensor, row_scales: torch.Tensor, threshold: float, training: bool,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for an 8-bit ``W`` (``int8`` rows times ``row_scales / 127``), by
+    bitsandbytes' ``matmul`` with the state a ``Linear8bitLt`` holds (its ``threshold`` and mode)."""
+    import bitsandbytes as bnb
+
+    state = bnb.MatmulLtState()
+    state.CB, state.SCB, state.threshold = int8, row_scales, threshold
+    state.has_fp16_weights, state.is_training = False, training
+    return bnb.matmul(x, int8, bias=None if bias is None else bias.to(x.dtype), state=state)
+
+
+@linear_8bit.register_fake
+def _(x, int8, row_scales, threshold, training, bias=None):
+    return x.new_empty((*x.shape[:-1], int8.shape[0]))
+
+
+def _setup_8bit(ctx, inputs, output):
+    x, int8, row_scales, _, _, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(int8, row_scales)
+
+
+def _backward_8bit(ctx, grad):
+    int8, row_scales = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:  # bitsandbytes' rows, dequantized in the gradient's dtype
+        weight = int8.to(grad.dtype).mul_(row_scales.unsqueeze(1).mul(1.0 / 127.0))
+        grad_x = grad @ weight
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, grad_bias
+
+
+linear_8bit.register_autograd(_backward_8bit, setup_context=_setup_8bit)
+
+
+def _quantized_call(weight, x, reads: dict[str, fx.Node], bias, training: bool) -> tuple:
+    """The target and arguments of the op that reads ``weight`` from its storage ``reads``."""
+    if bits(weight) == 8:
+        threshold = float(weight.module.state.threshold)
+        return torch.ops.peftc.linear_8bit.default, (x, reads["int8"], reads["scales"], threshold, training, bias)
+    state = weight.quant_state
+    return torch.ops.peftc.linear_4bit.default, (
+        x, reads["packed"], reads["absmax"], state.blocksize, state.quant_type, list(state.shape), state.dtype, bias,
+        *(reads.get(role) for role in _OPTIONAL))
+
+
+def quantize_reads(gm: fx.GraphModule, prefix: str = "", training: bool = False) -> int:
+    """Rewrite every ``aten.linear`` whose weight is quantized into ``peftc::linear_4bit`` or
+    ``peftc::linear_8bit``; return how many.
 
     Arguments:
         prefix: what the graph's parameter names carry in front of the model's own.
+        training: the mode the graph was traced in (bitsandbytes' 8-bit matmul depends on it).
     """
     if not any(is_packed(p) for p in gm.parameters()):
         return 0
@@ -106,7 +162,6 @@ def quantize_reads(gm: fx.GraphModule, prefix: str = "") -> int:
         weight = gm.get_parameter(use.weight.target)
         if not is_packed(weight):
             continue
-        state = weight.quant_state
         key = use.weight.target.removeprefix(prefix).replace(".", "_")
         tensors = parts(weight)
         slot = nn.Module()
@@ -118,10 +173,8 @@ def quantize_reads(gm: fx.GraphModule, prefix: str = "") -> int:
         with gm.graph.inserting_before(node):
             reads = {role: gm.graph.get_attr(f"{KBIT_ROOT}.{key}.{role}") for role in tensors}
         node.meta[META_KBIT] = (node.target, node.args, use.weight.target)
-        node.target = torch.ops.peftc.linear_4bit.default
-        node.args = (x, reads["packed"], reads["absmax"], state.blocksize, state.quant_type, list(state.shape),
-                     state.dtype, bias, *(reads.get(role) for role in _OPTIONAL))
-        if not use.weight.users:  # a packed Params4bit is read through its parts only
+        node.target, node.args = _quantized_call(weight, x, reads, bias, training)
+        if not use.weight.users:  # a quantized weight is read through its parts only
             gm.graph.erase_node(use.weight)
         count += 1
     if count:
