@@ -165,6 +165,19 @@ def test_adapter_states(two):
     assert torch.equal(greedy(cm, ids, mask), default)
 
 
+def test_generated_tokens_sliced_back_in_run_as_a_contiguous_copy(two):
+    """A slice of generate's output (not contiguous) is a valid input afterwards (export's
+    guard function once failed on it)."""
+    cm, _ = two
+    ids, mask = left_padded()
+    tail = greedy(cm, ids, mask)[:, 2:9]
+    assert not tail.is_contiguous()
+    with torch.no_grad():
+        sliced = cm(input_ids=tail, attention_mask=torch.ones_like(tail)).logits
+        copied = cm(input_ids=tail.contiguous(), attention_mask=torch.ones_like(tail)).logits
+    assert torch.equal(sliced, copied)
+
+
 def test_mixed_batch_rows_equal_each_alone(two):
     cm, base = two
     ids, mask = left_padded(3)
