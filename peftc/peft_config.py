@@ -29,6 +29,7 @@ from . import default_targets, moe_targets
 from .adapters.base import Rule, adapter_from_config
 from .adapters.ia3 import IA3
 from .adapters.lora import LoRA
+from .adapters.p_tuning import PTuning
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
 from .errors import RuleError
@@ -150,6 +151,24 @@ def _tokenizer_kwargs(kwargs) -> dict:
 def _from_prefix(config: dict, model) -> Translated:
     projection = config.get("encoder_hidden_size") if config.get("prefix_projection") else None
     adapter = Prefix(config.get("num_virtual_tokens") or 0, projection)
+    modules_to_save, task_type = _task_options(config)
+    return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+def _from_p_tuning(config: dict, model) -> Translated:
+    """PEFT's ``PromptEncoderConfig``; ``inference_mode`` (a loaded adapter) builds no encoder, as in PEFT."""
+    encoder = str(config.get("encoder_reparameterization_type") or "MLP").rsplit(".", 1)[-1].lower()
+    num_layers, dropout = config.get("encoder_num_layers", 2), config.get("encoder_dropout") or 0.0
+    if encoder == "mlp" and (num_layers != 2 or dropout):  # PEFT ignores both for its MLP
+        warnings.warn(f"PromptEncoderConfig: encoder_num_layers={num_layers} and encoder_dropout={dropout} apply "
+                      "to the LSTM encoder only; the MLP encoder has two hidden layers and no dropout (as in PEFT)",
+                      UserWarning, stacklevel=4)
+        num_layers, dropout = 2, 0.0
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise RuleError("P-tuning of encoder-decoder models (num_transformer_submodules=2) is not supported; "
+                        "use a decoder-only or encoder-only model")
+    adapter = PTuning(config.get("num_virtual_tokens") or 0, config.get("encoder_hidden_size"), encoder,
+                      num_layers, dropout, folded=bool(config.get("inference_mode")))
     modules_to_save, task_type = _task_options(config)
     return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
 
@@ -358,7 +377,7 @@ def adapter_config(cm, name: str) -> dict:
     peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
     placements = [p for p in cm.sites if p.adapter_name == name]
     kinds = {type(p.adapter) for p in placements}
-    if kinds == {Prompt} or kinds == {Prefix}:
+    if kinds == {Prompt} or kinds == {Prefix} or kinds == {PTuning}:
         return _prompt_learning_config(cm, name, kinds.pop())
     if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
         return _lora_config(cm, name)
@@ -368,7 +387,7 @@ def adapter_config(cm, name: str) -> dict:
 
 
 def is_prompt_learning(placements) -> bool:
-    """Whether PEFT files these placements as prompt learning (prompt or prefix tuning),
+    """Whether PEFT files these placements as prompt learning (prompt, prefix or P-tuning),
     which keys ``modules_to_save`` copies one level up."""
     return any(isinstance(p.adapter, (Prompt, Prefix)) for p in placements)
 
@@ -418,7 +437,7 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
     placement = next(p for p in cm.sites if p.adapter_name == name)
     spec, config = placement.adapter, getattr(cm.base_model, "config", None)
     out = {
-        "peft_type": "PROMPT_TUNING" if kind is Prompt else "PREFIX_TUNING",
+        "peft_type": {Prompt: "PROMPT_TUNING", Prefix: "PREFIX_TUNING", PTuning: "P_TUNING"}[kind],
         "task_type": cm.adapter_options(name).get("task_type") or _task_type(cm.base_model),
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "inference_mode": True,
@@ -426,7 +445,11 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
         "num_transformer_submodules": 1,
         "modules_to_save": cm.adapter_options(name).get("modules_to_save") or None,
     }
-    if kind is Prompt:
+    if kind is PTuning:
+        token_dim = placement.state.embedding.shape[1]
+        out.update(encoder_reparameterization_type=spec.encoder.upper(), encoder_hidden_size=spec.hidden_size or
+                   token_dim, encoder_num_layers=spec.num_layers, encoder_dropout=spec.dropout, token_dim=token_dim)
+    elif kind is Prompt:
         out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
                    prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
                    token_dim=placement.state.embedding.shape[1])
@@ -509,4 +532,4 @@ def _task_type(model) -> str | None:
 
 
 _READERS = {"LORA": _from_lora, "IA3": _from_ia3, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
-            NATIVE: _from_native}
+            "P_TUNING": _from_p_tuning, NATIVE: _from_native}
