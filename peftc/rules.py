@@ -181,7 +181,7 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     out = []
     for rule in rules:
         rule.selector.check_sites(sites)
-        hits = [s for s in sites if rule.selector(s)]
+        hits = rule.selector.select(sites)
         if not hits:
             hint = rule.adapter.no_site_hint()
             if hint:
