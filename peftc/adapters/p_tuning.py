@@ -49,10 +49,20 @@ class PTuningState(nn.Module):
         """The ``[n, dim]`` virtual tokens."""
         x = self.embedding.unsqueeze(0)  # one sequence of n tokens, as PEFT encodes it
         if self.lstm_head is not None:
-            x = self.lstm_head(x)[0]
+            x = self._lstm(x)
         if self.mlp_head is not None:
             x = self.mlp_head(x)
         return x[0]
+
+
+    def _lstm(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.lstm_head(x)[0]``, written as the op it runs: export reads the weights as the
+        parameters they are (``nn.LSTM`` hands the op a cached list of them)."""
+        lstm = self.lstm_head
+        zeros = x.new_zeros(2 * lstm.num_layers, 1, lstm.hidden_size)
+        weights = [w for layer in lstm.all_weights for w in layer]
+        return torch.lstm(x, (zeros, zeros), weights, True, lstm.num_layers, lstm.dropout, self.training,
+                          True, True)[0]
 
 
 class PTuning(Prompt):
