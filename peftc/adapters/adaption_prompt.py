@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import RuleError
 from ..match import attention
 from ..sites import ATTENTION, attention_projections, linear_use
-from .base import Adapter, check_virtual_tokens
+from .base import NO_ATTENTION_HINT, Adapter, check_virtual_tokens
 
 aten = torch.ops.aten
 
@@ -65,8 +65,7 @@ class AdaptionPrompt(Adapter):
         return attention(top=self.adapter_layers) if self.adapter_layers else None
 
     def no_site_hint(self):
-        return ("the model has no scaled_dot_product_attention op peftc can see. "
-                "For attention, load the model with attn_implementation='sdpa'")
+        return NO_ATTENTION_HINT
 
     def unsupported(self, site):
         if site.kind != ATTENTION:
