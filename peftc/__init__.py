@@ -5,10 +5,12 @@ The public API, listed once::
     cm = peftc.compile(model, [peftc.LoRA(r=8).on(peftc.linear(r".*q_proj"))])
 """
 
+from .adapters.adaption_prompt import AdaptionPrompt as AdaptionPrompt
 from .adapters.base import Adapter as Adapter
 from .adapters.bitfit import BitFit as BitFit
 from .adapters.ia3 import IA3 as IA3
 from .adapters.lora import LoRA as LoRA
+from .adapters.p_tuning import PTuning as PTuning
 from .adapters.prefix import Prefix as Prefix
 from .adapters.prompt import Prompt as Prompt
 from .api import AutoPeftModel as AutoPeftModel

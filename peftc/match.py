@@ -7,6 +7,7 @@ Selectors look at ops, not module classes::
     peftc.module(r"lm_head")                      any op that reads lm_head's parameters
     peftc.op("aten.addmm")                        by ATen op name
     peftc.attention()                             every scaled_dot_product_attention
+    peftc.attention(top=2)                        ... of the last 2 layers
     peftc.input_embeddings()                      the input-embedding lookup
     peftc.linear() & ~peftc.module(r".*lm_head")  combinations
 """
@@ -43,6 +44,11 @@ class Selector:
     def describe(self) -> str:
         return type(self).__name__
 
+    def select(self, sites: list[Site]) -> list[Site]:
+        """The sites this selector picks out of ``sites`` (every site of a graph). The default
+        asks ``self(site)`` of each; a selector that picks among them (the last N layers) overrides it."""
+        return [s for s in sites if self(s)]
+
     def hint(self) -> str | None:
         """A module-path pattern, used to suggest near misses when nothing matches."""
         return None
@@ -77,6 +83,11 @@ class _Combine(Selector):
         fold = any if self.how == "|" else all
         return fold(part(site) for part in self.parts)
 
+    def select(self, sites):
+        picked = [{id(s) for s in part.select(sites)} for part in self.parts]
+        fold = any if self.how == "|" else all
+        return [s for s in sites if fold(id(s) in ids for ids in picked)]
+
     def describe(self) -> str:
         return "(" + f" {self.how} ".join(p.describe() for p in self.parts) + ")"
 
@@ -97,6 +108,10 @@ class _Not(Selector):
 
     def __call__(self, site: Site) -> bool:
         return not self.inner(site)
+
+    def select(self, sites):
+        picked = {id(s) for s in self.inner.select(sites)}
+        return [s for s in sites if id(s) not in picked]
 
     def describe(self) -> str:
         return f"~{self.inner.describe()}"
@@ -137,6 +152,38 @@ class _Where(Selector):
 
     def hint(self) -> str | None:
         return self.pattern
+
+
+class _Top(Selector):
+    """The sites of the last ``n`` layers among those ``inner`` picks."""
+
+    def __init__(self, inner: Selector, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise RuleError(f"top={n!r} must be a positive number of layers")
+        self.inner, self.n = inner, n
+
+    def __call__(self, site: Site) -> bool:
+        return self.inner(site)  # a candidate; which candidates are the top ones, select says
+
+    def select(self, sites):
+        picked = self.inner.select(sites)
+        if any(s.layer is None for s in picked):
+            raise RuleError(f"{self.describe()}: {next(s.path for s in picked if s.layer is None)} has no layer "
+                            "index in its module path to rank it by")
+        layers = sorted({s.layer for s in picked})
+        if len(layers) < self.n:
+            raise RuleError(f"{self.describe()} asks for {self.n} layers, but the model has {len(layers)} "
+                            f"({layers}); ask for at most {len(layers)}")
+        return [s for s in picked if s.layer in layers[-self.n:]]
+
+    def describe(self) -> str:
+        inner = self.inner.describe()
+        if not inner.endswith(")"):
+            return f"{inner}[top={self.n}]"
+        return f"{inner[:-1]}{'' if inner.endswith('()') else ', '}top={self.n})"
+
+    def hint(self) -> str | None:
+        return self.inner.hint()
 
 
 class _Predicate(Selector):
@@ -192,9 +239,14 @@ def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Sele
     return _Where("linear", pattern, layers, layers_pattern, kinds=("linear",))
 
 
-def attention(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
-    """Attention ops (``aten.scaled_dot_product_attention``) in modules matching ``pattern``."""
-    return _Where("attention", pattern, layers, layers_pattern, kinds=("attention",))
+def attention(pattern: str | None = None, layers=None, layers_pattern=None, top: int | None = None) -> Selector:
+    """Attention ops (``aten.scaled_dot_product_attention``) in modules matching ``pattern``.
+
+    Arguments:
+        top: only those of the last ``top`` layers (by layer index) among the matches.
+    """
+    where = _Where("attention", pattern, layers, layers_pattern, kinds=("attention",))
+    return where if top is None else _Top(where, top)
 
 
 def embedding(pattern: str | None = None) -> Selector:

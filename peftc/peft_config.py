@@ -1,14 +1,14 @@
 """PEFT's adapter configs <-> peftc rules, in both directions.
 
-Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``
-or ``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
+Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``,
+``PrefixTuningConfig``, ``PromptEncoderConfig`` or ``AdaptionPromptConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
 semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
 per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 ``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA, IA³, prompt or prefix tuning, the native one
+model's adapter: PEFT's own for LoRA, IA³, prompt, prefix and P-tuning, and AdaptionPrompt; the native one
 for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
@@ -26,13 +26,15 @@ from typing import NamedTuple
 from torch import nn
 
 from . import default_targets, moe_targets
+from .adapters.adaption_prompt import AdaptionPrompt
 from .adapters.base import Rule, adapter_from_config
 from .adapters.ia3 import IA3
 from .adapters.lora import LoRA
+from .adapters.p_tuning import PTuning
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
 from .errors import RuleError
-from .match import Selector, check_layers_pattern, compile_regex, where
+from .match import Selector, attention, check_layers_pattern, compile_regex, where
 from .sites import Site, layer_index
 
 NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
@@ -152,6 +154,42 @@ def _from_prefix(config: dict, model) -> Translated:
     adapter = Prefix(config.get("num_virtual_tokens") or 0, projection)
     modules_to_save, task_type = _task_options(config)
     return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+def _from_p_tuning(config: dict, model) -> Translated:
+    """PEFT's ``PromptEncoderConfig``; ``inference_mode`` (a loaded adapter) builds no encoder, as in PEFT."""
+    encoder = str(config.get("encoder_reparameterization_type") or "MLP").rsplit(".", 1)[-1].lower()
+    num_layers, dropout = config.get("encoder_num_layers", 2), config.get("encoder_dropout") or 0.0
+    if encoder == "mlp" and (num_layers != 2 or dropout):  # PEFT ignores both for its MLP
+        warnings.warn(f"PromptEncoderConfig: encoder_num_layers={num_layers} and encoder_dropout={dropout} apply "
+                      "to the LSTM encoder only; the MLP encoder has two hidden layers and no dropout (as in PEFT)",
+                      UserWarning, stacklevel=4)
+        num_layers, dropout = 2, 0.0
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise RuleError("P-tuning of encoder-decoder models (num_transformer_submodules=2) is not supported; "
+                        "use a decoder-only or encoder-only model")
+    adapter = PTuning(config.get("num_virtual_tokens") or 0, config.get("encoder_hidden_size"), encoder,
+                      num_layers, dropout, folded=bool(config.get("inference_mode")))
+    modules_to_save, task_type = _task_options(config)
+    return Translated([adapter.on(adapter.default_selector())], modules_to_save, "none", task_type)
+
+
+_ADAPTION_TARGETS = {"llama": "self_attn", "mistral": "self_attn"}  # PEFT's defaults (GPT-2's fused c_attn: refused)
+
+
+def _from_adaption_prompt(config: dict, model) -> Translated:
+    """PEFT's ``AdaptionPromptConfig``: the attention ops of the top ``adapter_layers`` modules whose
+    name ends with ``target_modules`` (PEFT's default by model type; any attention op where it has none)."""
+    length, layers = config.get("adapter_len"), config.get("adapter_layers")
+    if not length or not layers:
+        raise RuleError(f"AdaptionPromptConfig needs adapter_len and adapter_layers (got {length!r}, {layers!r})")
+    target = config.get("target_modules") or _ADAPTION_TARGETS.get(default_targets.model_type(model))
+    if target is not None and not isinstance(target, str):
+        raise RuleError(f"AdaptionPromptConfig target_modules={target!r} must be one module name, e.g. 'self_attn'")
+    adapter = AdaptionPrompt(length, layers)
+    selector = attention(rf"(.*\.)?{re.escape(target)}" if target else None, top=layers)
+    modules_to_save, task_type = _task_options(config)
+    return Translated([adapter.on(selector)], modules_to_save, "none", task_type)
 
 
 def _from_lora(config: dict, model: nn.Module | None) -> Translated:
@@ -358,17 +396,19 @@ def adapter_config(cm, name: str) -> dict:
     peftc's own (``peft_type: "PEFTC"``) for anything PEFT can't hold."""
     placements = [p for p in cm.sites if p.adapter_name == name]
     kinds = {type(p.adapter) for p in placements}
-    if kinds == {Prompt} or kinds == {Prefix}:
+    if kinds == {Prompt} or kinds == {Prefix} or kinds == {PTuning}:
         return _prompt_learning_config(cm, name, kinds.pop())
     if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
         return _lora_config(cm, name)
     if kinds == {IA3}:
         return _ia3_config(cm, name, placements)
+    if kinds == {AdaptionPrompt} and (config := _adaption_prompt_config(cm, name, placements)):
+        return config
     return _native_config(cm, name)
 
 
 def is_prompt_learning(placements) -> bool:
-    """Whether PEFT files these placements as prompt learning (prompt or prefix tuning),
+    """Whether PEFT files these placements as prompt learning (prompt, prefix or P-tuning),
     which keys ``modules_to_save`` copies one level up."""
     return any(isinstance(p.adapter, (Prompt, Prefix)) for p in placements)
 
@@ -418,7 +458,7 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
     placement = next(p for p in cm.sites if p.adapter_name == name)
     spec, config = placement.adapter, getattr(cm.base_model, "config", None)
     out = {
-        "peft_type": "PROMPT_TUNING" if kind is Prompt else "PREFIX_TUNING",
+        "peft_type": {Prompt: "PROMPT_TUNING", Prefix: "PREFIX_TUNING", PTuning: "P_TUNING"}[kind],
         "task_type": cm.adapter_options(name).get("task_type") or _task_type(cm.base_model),
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "inference_mode": True,
@@ -426,7 +466,11 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
         "num_transformer_submodules": 1,
         "modules_to_save": cm.adapter_options(name).get("modules_to_save") or None,
     }
-    if kind is Prompt:
+    if kind is PTuning:
+        token_dim = placement.state.embedding.shape[1]
+        out.update(encoder_reparameterization_type=spec.encoder.upper(), encoder_hidden_size=spec.hidden_size or
+                   token_dim, encoder_num_layers=spec.num_layers, encoder_dropout=spec.dropout, token_dim=token_dim)
+    elif kind is Prompt:
         out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
                    prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
                    token_dim=placement.state.embedding.shape[1])
@@ -492,6 +536,26 @@ def _ia3_config(cm, name: str, placements) -> dict:
     }
 
 
+def _adaption_prompt_config(cm, name: str, placements) -> dict | None:
+    """A PEFT ``AdaptionPromptConfig`` dict, or None when PEFT's rule (the top modules of one
+    name) can't find the same attention modules."""
+    lengths = {p.adapter.adapter_len for p in placements}
+    target = placements[0].key.rpartition(".")[2]
+    named = [path for path, _ in cm.base_model.named_modules() if path.endswith(f".{target}")]
+    if len(lengths) != 1 or sorted(p.key for p in placements) != sorted(named[len(named) - len(placements):]):
+        return None
+    options = cm.adapter_options(name)
+    return {
+        "peft_type": "ADAPTION_PROMPT",
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "target_modules": target,
+        "adapter_len": lengths.pop(),
+        "adapter_layers": len(placements),
+    }
+
+
 def _alpha(p, use_rslora: bool) -> float:
     scaling = float(p.state.scaling)
     alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
@@ -509,4 +573,4 @@ def _task_type(model) -> str | None:
 
 
 _READERS = {"LORA": _from_lora, "IA3": _from_ia3, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
-            NATIVE: _from_native}
+            "P_TUNING": _from_p_tuning, "ADAPTION_PROMPT": _from_adaption_prompt, NATIVE: _from_native}

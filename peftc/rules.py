@@ -181,7 +181,7 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
     out = []
     for rule in rules:
         rule.selector.check_sites(sites)
-        hits = [s for s in sites if rule.selector(s)]
+        hits = rule.selector.select(sites)
         if not hits:
             hint = rule.adapter.no_site_hint()
             if hint:
@@ -244,8 +244,8 @@ def checkpoint_rules(config: dict, model: nn.Module | None, source: str = "") ->
 
     Initialisation is moot when the weights come from the file, so nothing is
     built for it: a text-initialised prompt adapter needs no tokenizer (none is
-    loaded, and nothing a config names is imported), and a prefix adapter's
-    saved table is already projected.
+    loaded, and nothing a config names is imported), and a prefix or P-tuning
+    adapter's saved table is already projected (encoded).
 
     Raises:
         PeftcError: a ``peft_type`` peftc doesn't load.
@@ -258,4 +258,6 @@ def checkpoint_rules(config: dict, model: nn.Module | None, source: str = "") ->
         config = {**config, "prompt_tuning_init": "RANDOM"}
     elif kind == "PREFIX_TUNING":
         config = {**config, "prefix_projection": False}
+    elif kind == "P_TUNING":  # the saved tokens are the encoder's output: no encoder to build
+        config = {**config, "inference_mode": True}
     return load_rules(config, model)

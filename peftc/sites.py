@@ -50,6 +50,10 @@ class Site:
         bias_name: the bias parameter's name in the module (None if it has none).
         heads, head_dim: key heads and head size at an ``"attention"`` site.
         input_embedding: whether this is the lookup of the model's input embeddings.
+        projections: at an ``"attention"`` site, the module paths of the linear ops that
+            make its ``"key"`` and ``"value"`` and take its ``"output"``, where one op
+            does (see :func:`attention_projections`); ``"output_bias"`` when the output
+            projection adds a bias.
     """
 
     path: str
@@ -68,6 +72,7 @@ class Site:
     heads: int = 0
     head_dim: int = 0
     input_embedding: bool = False
+    projections: dict[str, str] = field(default_factory=dict)
 
     @property
     def weight_path(self) -> str:
@@ -195,8 +200,13 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
         if node.target in _SDPA:
             path = _strip(module_path(node) or "", prefix)
             k = node.args[1].meta["val"]
+            projections = {role: _strip(module_path(n) or "", prefix)
+                           for role, n in attention_projections(node).items()}
+            if "output" in projections and linear_use(attention_projections(node)["output"]).bias_index is not None:
+                projections["output_bias"] = projections["output"]
             site = Site(path, "", ATTENTION, _op_name(node), dtype=k.dtype, device=k.device,
-                        layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]))
+                        layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]),
+                        projections=projections)
             sites.setdefault(path, site).nodes.append(node.name)
             continue
         for arg in node.args:
@@ -217,6 +227,46 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             )
             site.nodes.append(node.name)
     return list(sites.values())
+
+
+def attention_projections(node: fx.Node) -> dict[str, fx.Node]:
+    """The linear ops around an attention op: ``"key"`` and ``"value"``, the ones whose
+    outputs reach its keys and values through other ops only (reshapes, rotary embeddings,
+    head repeats), and ``"output"``, the first one its output reaches. A role is left
+    out unless exactly one of the model's own linear ops fills it; linear ops that adapters
+    inserted are passed over (LoRA's ``lora_A``), not counted.
+    """
+    found = {"key": _one(_linears(node.args[1], lambda n: n.all_input_nodes)),
+             "value": _one(_linears(node.args[2], lambda n: n.all_input_nodes)),
+             "output": _one(_linears(node, lambda n: list(n.users)))}
+    return {role: n for role, n in found.items() if n is not None}
+
+
+def _linears(start: fx.Node, step) -> set[fx.Node]:
+    """The nearest linear ops from ``start``, following ``step`` along tensor values."""
+    found, seen, todo = set(), set(), list(step(start))
+    while todo:
+        n = todo.pop()
+        if n in seen or not _is_tensor(n):
+            continue
+        seen.add(n)
+        if linear_use(n) is not None:
+            if "peftc" not in n.meta:  # an adapter's own (builder.META_ADAPTER)
+                found.add(n)
+            continue
+        todo.extend(step(n))
+    return found
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):  # split's outputs
+        return bool(val) and all(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor) or (val is None and node.op == "call_function" and "peftc" in node.meta)
+
+
+def _one(nodes: set[fx.Node]) -> fx.Node | None:
+    return next(iter(nodes)) if len(nodes) == 1 else None
 
 
 def _op_name(node: fx.Node) -> str:

@@ -201,6 +201,28 @@ def copy_peft_weights(cm, pm, adapter: str = "default") -> None:
 # -- model state snapshots ------------------------------------------------------------
 
 
+def assert_counts_like_peft(cm, pm, capsys) -> None:
+    """peftc's trainable/all counts and ``print_trainable_parameters`` line are PEFT's."""
+    assert cm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    capsys.readouterr()
+    pm.print_trainable_parameters()
+    cm.print_trainable_parameters()
+    theirs, ours = capsys.readouterr().out.strip().splitlines()
+    assert ours == theirs
+
+
+def assert_greedy_like_peft(pm, cm, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """peftc's greedy generation is PEFT's: the same tokens, every step's logits within 1e-5."""
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = pm.generate(input_ids=ids, attention_mask=mask, **greedy)
+        out = cm.generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def snapshot(model: nn.Module) -> dict:
     """Every parameter and buffer (cloned) with its requires_grad flag."""
     out = {}

@@ -176,6 +176,10 @@ class Rule:
         return f"{self.adapter!r}.on({self.selector.describe()})"
 
 
+NO_ATTENTION_HINT = ("the model has no scaled_dot_product_attention op peftc can see. "
+                     "For attention, load the model with attn_implementation='sdpa'")
+
+
 def check_virtual_tokens(n) -> None:
     """Prompt and prefix tuning: a positive number of virtual tokens."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import RuleError
 from ..match import attention
 from ..sites import ATTENTION
-from .base import Adapter, check_positions, check_virtual_tokens
+from .base import NO_ATTENTION_HINT, Adapter, check_positions, check_virtual_tokens
 
 aten = torch.ops.aten
 
@@ -76,8 +76,7 @@ class Prefix(Adapter):
         return attention()
 
     def no_site_hint(self):
-        return ("the model has no scaled_dot_product_attention op peftc can see. "
-                "For attention, load the model with attn_implementation='sdpa'")
+        return NO_ATTENTION_HINT
 
     def unsupported(self, site):
         if site.kind != ATTENTION:

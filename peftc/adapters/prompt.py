@@ -105,7 +105,7 @@ class Prompt(Adapter):
         ids = kwargs.pop("input_ids")
         embeds = model.get_input_embeddings()(ids)
         batch, n = ids.shape[0], self.num_virtual_tokens
-        prompt = state.embedding.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
+        prompt = self.virtual_tokens(state).unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         pads = {"attention_mask": 1, "token_type_ids": 0}
         for name, value in pads.items():
@@ -116,6 +116,10 @@ class Prompt(Adapter):
         if labels is not None and labels.dim() >= 2:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         return kwargs
+
+    def virtual_tokens(self, state: nn.Module) -> torch.Tensor:
+        """The ``[n, hidden]`` embeddings put in front of the input's (traced with it)."""
+        return state.embedding
 
     def rewrite_decode_inputs(self, model, state, kwargs):
         # The cache holds the virtual tokens: only the mask must still show them.
