@@ -32,7 +32,7 @@ from .adapters.ia3 import IA3
 from .adapters.lora import LoRA
 from .adapters.p_tuning import PTuning
 from .adapters.prefix import Prefix
-from .adapters.prompt import Prompt
+from .adapters.prompt import Prompt, encoder_decoder
 from .errors import RuleError
 from .match import Selector, attention, check_layers_pattern, compile_regex, where
 from .sites import Site, layer_index
@@ -121,6 +121,11 @@ def _from_prompt(config: dict, model) -> Translated:
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
+    submodules, want = config.get("num_transformer_submodules"), 2 if encoder_decoder(model) else 1
+    if submodules is not None and model is not None and submodules != want:
+        raise RuleError(f"num_transformer_submodules={submodules}: peftc's prompt tuning of "
+                        f"{type(model).__name__} has {want} (2 for encoder-decoder models, whose table holds "
+                        "2 * num_virtual_tokens rows, as PEFT's SEQ_2_SEQ_LM; else 1)")
     adapter = Prompt(config.get("num_virtual_tokens") or 0, inits[init],
                      config.get("prompt_tuning_init_text"), tokenizer)
     modules_to_save, task_type = _task_options(config)
@@ -471,6 +476,7 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
         out.update(encoder_reparameterization_type=spec.encoder.upper(), encoder_hidden_size=spec.hidden_size or
                    token_dim, encoder_num_layers=spec.num_layers, encoder_dropout=spec.dropout, token_dim=token_dim)
     elif kind is Prompt:
+        out["num_transformer_submodules"] = 2 if encoder_decoder(cm.base_model) else 1
         out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
                    prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
                    token_dim=placement.state.embedding.shape[1])

@@ -184,6 +184,26 @@ def two_adapter_llama(other=r".*\.(k|o)_proj", backend="eager"):
 # -- PEFT interop ---------------------------------------------------------------------
 
 
+def make_t5(seed: int = 0) -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_bart(seed: int = 0) -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    return BartForConditionalGeneration(config).eval()
+
+
 def copy_peft_weights(cm, pm, adapter: str = "default") -> None:
     """Copy PEFT's LoRA matrices and modules_to_save copies into a peftc CompiledModel."""
     sd = pm.state_dict()

@@ -12,7 +12,9 @@ from conftest import (
     assert_unchanged,
     make_gpt2,
     make_llama,
+    make_bart,
     make_qwen2,
+    make_t5,
     snapshot,
     two_adapter_llama,
 )
@@ -31,26 +33,6 @@ def make_phi3(seed: int = 0) -> torch.nn.Module:
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Phi3ForCausalLM(config).eval()
-
-
-def make_t5(seed: int = 0) -> torch.nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    return T5ForConditionalGeneration(config).eval()
-
-
-def make_bart(seed: int = 0) -> torch.nn.Module:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=2, forced_eos_token_id=None)
-    return BartForConditionalGeneration(config).eval()
 
 
 BUILDERS = {"llama": make_llama, "qwen2": make_qwen2, "gpt2": make_gpt2, "phi3": make_phi3,

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BUILDERS, VOCAB, make_bert_cls, make_llama, padded_batch
+from conftest import BUILDERS, VOCAB, assert_counts_like_peft, make_bart, make_bert_cls, make_llama, make_t5, padded_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +26,35 @@ def _config(kind: str, name: str):
 
 def _labels(name: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[0]) % 3 if name == "bert" else ids
+
+
+@pytest.mark.parametrize("build", [make_t5, make_bart])
+def test_encoder_decoder_prompt_holds_peft_s_two_tables(build, tmp_path, capsys):
+    """PEFT's seq2seq prompt: 2n rows (counts, files), the first n before the encoder's input,
+    labels (the decoder's) not padded; checkpoints both ways."""
+    model = build()
+    torch.manual_seed(3)
+    config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    pm = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    cm = peftc.from_pretrained(model, tmp_path / "peft", backend="eager", is_trainable=True).eval()
+    assert cm.sites[0].state.embedding.shape[0] == 6
+    assert_counts_like_peft(cm, pm, capsys)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    labels = torch.randint(3, VOCAB, (2, 4), generator=g)
+    with torch.no_grad():
+        ours = cm(input_ids=ids, attention_mask=mask, labels=labels)
+        theirs = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    cm.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(pm.get_base_model()), tmp_path / "ours").eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(again.logits, theirs.logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])

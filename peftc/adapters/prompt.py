@@ -15,6 +15,11 @@ Rewriting the boundary (rather than splicing a ``cat`` after the embedding op)
 is what makes every length-dependent computation downstream (positions, causal
 masks, the label shift) see ``n + L`` tokens, exactly as PEFT's model does.
 Outputs follow PEFT: causal-LM logits include the virtual positions.
+
+On an encoder-decoder model the prompt leads the encoder's input only (the
+labels, which are the decoder's, are left alone), and the table holds ``2n``
+tokens, as PEFT's does for its two transformer submodules, of which the
+encoder reads the first ``n``: so counts and checkpoints are PEFT's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from ..match import input_embeddings
 from .base import Adapter, check_positions, check_virtual_tokens
 
 _INITS = ("random", "text", "vocab")
+
+
+def encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder (T5, BART: two transformer submodules)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 class PromptState(nn.Module):
@@ -75,18 +85,17 @@ class Prompt(Adapter):
     def init_states(self, sites, model):
         check_positions(model, self.num_virtual_tokens, "Prompt")
         table = model.get_input_embeddings().weight
-        n = self.num_virtual_tokens
+        n = self.num_virtual_tokens * (2 if encoder_decoder(model) else 1)
         with torch.no_grad():
             if self.init == "random":
                 weight = torch.randn(n, table.shape[1], device=table.device)
             else:
-                ids = self._init_ids(table.shape[0]).to(table.device)
+                ids = self._init_ids(table.shape[0], n).to(table.device)
                 weight = table[ids].detach().float().clone()
         state = PromptState(weight.float())
         return [("prompt", state) for _ in sites]
 
-    def _init_ids(self, vocab: int) -> torch.Tensor:
-        n = self.num_virtual_tokens
+    def _init_ids(self, vocab: int, n: int) -> torch.Tensor:
         if self.init == "vocab":
             return torch.randint(0, vocab, (n,))
         ids = list(self.tokenizer(self.text)["input_ids"])
@@ -113,13 +122,13 @@ class Prompt(Adapter):
                 t = kwargs[name]
                 kwargs[name] = torch.cat([t.new_full((batch, n), value), t], dim=1)
         labels = kwargs.get("labels")
-        if labels is not None and labels.dim() >= 2:
+        if labels is not None and labels.dim() >= 2 and not encoder_decoder(model):
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         return kwargs
 
     def virtual_tokens(self, state: nn.Module) -> torch.Tensor:
         """The ``[n, hidden]`` embeddings put in front of the input's (traced with it)."""
-        return state.embedding
+        return state.embedding[: self.num_virtual_tokens]
 
     def rewrite_decode_inputs(self, model, state, kwargs):
         # The cache holds the virtual tokens: only the mask must still show them.
