@@ -7,6 +7,7 @@ The public API, listed once::
 
 from .adapters.base import Adapter as Adapter
 from .adapters.bitfit import BitFit as BitFit
+from .adapters.dora import DoRA as DoRA
 from .adapters.ia3 import IA3 as IA3
 from .adapters.lora import LoRA as LoRA
 from .adapters.prefix import Prefix as Prefix
