@@ -164,7 +164,7 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
         raise RuleError(f"LoraConfig options {unsupported} are not supported by peftc; remove them")
     init = config.get("init_lora_weights", True)
     kind = DoRA if config.get("use_dora") else LoRA
-    if init not in (True, False, "gaussian", "pissa", "olora") and not str(init).startswith("pissa_niter_"):
+    if init not in (True, False, "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", str(init)):
         raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
                         "'pissa_niter_<K>' or 'olora'")
     modules_to_save, task_type = _task_options(config)
