@@ -262,7 +262,11 @@ class CompiledModel(PeftSurface, nn.Module):
                                                          modules_to_save)
         self.state.register(name, matched, selectors, saved, options, trainable)
         try:
-            with residual_start(self.base_model, self.state.records[name].placements):
+            placements = self.state.records[name].placements
+            if self.merged and any(p.adapter.changes_base for p in placements):
+                raise MergeError(f"adapter {name!r} starts from the base weights (PiSSA, OLoRA), which hold the "
+                                 f"merged adapters {self._folded.names}; unmerge() before adding it")
+            with residual_start(self.base_model, placements):
                 if then is not None:
                     then()
         except BaseException:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from peft import LoraConfig
 
 import peftc
-from peftc.testing import assert_merge_equivalent, assert_unmerge_restores
+from peftc.testing import assert_merge_equivalent, assert_roundtrip, assert_unmerge_restores
 from peftc.testing import strategies as pst
 
 ATOL = 1e-5
@@ -264,3 +264,9 @@ def test_unsupported_dora_is_a_rule_error(config, match):
 def test_merge_and_unmerge_properties(case):
     assert_merge_equivalent(case.model, case.rules, case.inputs)
     assert_unmerge_restores(case.model, case.rules, case.inputs)
+
+
+@settings(max_examples=3, deadline=None)
+@given(case=pst.cases(adapters=pst.doras(), dtypes=(torch.float32,), forms=("linear",), kinds=("mlp",)))
+def test_roundtrip_property(case):
+    assert_roundtrip(case.model, case.rules, case.inputs)

@@ -188,3 +188,10 @@ def test_native_constructor_and_add_adapter():
     torch.testing.assert_close(logits(cm, ids, mask), before, atol=ATOL, rtol=0)
     with pytest.raises(peftc.RuleError, match="init='pissa_niter_'"):
         peftc.LoRA(init="pissa_niter_")
+    cm.set_adapter("default")
+    cm.merge()
+    merged = snapshot(model)
+    with pytest.raises(peftc.MergeError, match="unmerge\\(\\) before adding it"):
+        cm.add_adapter("olora", [peftc.LoRA(r=2, init="olora").on(peftc.linear(r".*v_proj"))])
+    assert_unchanged(model, merged)
+    assert cm.adapters == ["default", "pissa"]

@@ -168,7 +168,7 @@ class LoRA(Adapter):
         if self.init == "olora" and site.layout != "out_in":
             raise RuleError(f"LoRA init='olora' at {site.path}: its weight is stored [in, out] (Conv1D, x @ W), "
                             "where PEFT's OLoRA factors the wrong side; use init='pissa' or True")
-        w, r, s = weight.detach().float(), state.r, float(state.scaling)
+        w, r, s = weight.detach().float(), state.r, self.scaling(site.path)  # a Python float, as PEFT's
         if self.init == "olora":
             q, rr = torch.linalg.qr(w)
             b, a = q[:, :r], rr[:r]
