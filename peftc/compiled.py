@@ -483,12 +483,18 @@ class CompiledModel(PeftSurface, nn.Module):
 
     # -- saving and exporting ---------------------------------------------------
 
-    def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
+    def save_pretrained(self, directory, adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion=None) -> None:
         """Write adapters in PEFT's format (``adapter_config.json`` + safetensors).
 
         ``default`` goes in ``directory``; other adapters in subfolders named after them.
+
+        Arguments:
+            path_initial_model_for_weight_conversion: as PEFT's: the folder a PiSSA/OLoRA
+                adapter was saved to before training; it is then saved as a plain LoRA (twice
+                the rank) for the original base model.
         """
-        peft_format.save_pretrained(self, directory, adapters)
+        peft_format.save_pretrained(self, directory, adapters, path_initial_model_for_weight_conversion)
 
     def export(self, path, format: str = "pt2", example_inputs=None, **options):
         """Export the merged model for deployment: ``"pt2"``, ``"onnx"`` or ``"hf"``.

@@ -195,3 +195,38 @@ def test_native_constructor_and_add_adapter():
         cm.add_adapter("olora", [peftc.LoRA(r=2, init="olora").on(peftc.linear(r".*v_proj"))])
     assert_unchanged(model, merged)
     assert cm.adapters == ["default", "pissa"]
+
+
+def test_conversion_to_plain_lora_matches_peft(tmp_path):
+    model = BUILDERS["llama"]()
+    config = config_for("llama", "pissa")
+    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).eval()
+    cm = peftc.compile(model, config, backend="eager").eval()
+    cm.save_pretrained(tmp_path / "ours-init")  # right after init, as PEFT's recipe does
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(tmp_path / "theirs-init")
+    train_b(pm, cm)
+    ids, mask = padded_batch()
+    want = logits(cm, ids, mask)
+
+    cm.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=tmp_path / "ours-init")
+    pm.save_pretrained(tmp_path / "theirs", path_initial_model_for_weight_conversion=str(tmp_path / "theirs-init"))
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert (ours["r"], ours["lora_alpha"], ours["init_lora_weights"]) == (theirs["r"], theirs["lora_alpha"], True)
+    ours_t, theirs_t = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert ours_t.keys() == theirs_t.keys()
+    for key, value in theirs_t.items():
+        torch.testing.assert_close(ours_t[key], value, atol=1e-6, rtol=1e-5)
+
+    # a plain LoRA for the original model: PEFT and peftc load it there and get the trained model
+    loaded = peft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(loaded, ids, mask), want, atol=ATOL, rtol=0)
+    again = peftc.from_pretrained(BUILDERS["llama"](), tmp_path / "ours", backend="eager").eval()
+    torch.testing.assert_close(logits(again, ids, mask), want, atol=ATOL, rtol=0)
+
+    plain = peftc.compile(BUILDERS["llama"](), [peftc.LoRA().on(peftc.linear(r".*q_proj"))], backend="eager")
+    with pytest.raises(peftc.PeftcError, match="PiSSA or OLoRA"):
+        plain.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "ours-init")
+    with pytest.raises(peftc.PeftcError, match="before training"):
+        cm.save_pretrained(tmp_path / "bad", path_initial_model_for_weight_conversion=tmp_path / "ours")
