@@ -162,6 +162,7 @@ def test_a_failed_load_leaves_the_weights_as_they_were(tmp_path):
     ("gpt2", "olora", {}, "stored \\[in, out\\]"),
     ("llama", "pissa", dict(target_modules=["q_proj", "embed_tokens"]), "not an embedding"),
     ("llama", "pissa", dict(r=64), "exceeds"),
+    ("llama", "pissa_niter_2", dict(r=64), "exceeds"),
     ("llama", "pissa_niter_x", {}, "init_lora_weights='pissa_niter_x'"),
     ("llama", "corda", {}, "init_lora_weights='corda'"),
 ])

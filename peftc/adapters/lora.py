@@ -169,6 +169,9 @@ class LoRA(Adapter):
             raise RuleError(f"LoRA init='olora' at {site.path}: its weight is stored [in, out] (Conv1D, x @ W), "
                             "where PEFT's OLoRA factors the wrong side; use init='pissa' or True")
         w, r, s = weight.detach().float(), state.r, self.scaling(site.path)  # a Python float, as PEFT's
+        if r > min(w.shape):
+            raise RuleError(f"LoRA init={self.init!r} at {site.path}: rank {r} exceeds the weight's "
+                            f"{min(w.shape)}; lower r")
         if self.init == "olora":
             q, rr = torch.linalg.qr(w)
             b, a = q[:, :r], rr[:r]
@@ -181,9 +184,6 @@ class LoRA(Adapter):
                 u, sv, v = torch.svd_lowrank(w, r, niter=int(_NITER.fullmatch(self.init).group(1)))
                 sv, vh = sv / s, v.t()
             a, b = torch.diag(torch.sqrt(sv)) @ vh, u @ torch.diag(torch.sqrt(sv))
-        if a.shape != state.lora_A.shape or b.shape != state.lora_B.shape:
-            raise RuleError(f"LoRA init={self.init!r} at {site.path}: rank {r} exceeds the weight's "
-                            f"{min(w.shape)}; lower r")
         state.lora_A.copy_(a.contiguous())
         state.lora_B.copy_(b.contiguous())
 
