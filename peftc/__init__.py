@@ -8,6 +8,7 @@ The public API, listed once::
 from .adapters.adaption_prompt import AdaptionPrompt as AdaptionPrompt
 from .adapters.base import Adapter as Adapter
 from .adapters.bitfit import BitFit as BitFit
+from .adapters.dora import DoRA as DoRA
 from .adapters.ia3 import IA3 as IA3
 from .adapters.lora import LoRA as LoRA
 from .adapters.p_tuning import PTuning as PTuning

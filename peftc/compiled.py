@@ -29,7 +29,7 @@ from .errors import MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
 from .generation import generate
-from .passes.merge import Folded, fold, refold, remove_biases, unfold
+from .passes.merge import Folded, fold, refold, remove_biases, residual_start, unfold
 from .peft_surface import PeftSurface
 from .program import Program, Programs, graph_of
 from .quantization import dequantize_modules, plan, quantize_modules, quantize_spec
@@ -58,7 +58,7 @@ class CompiledModel(PeftSurface, nn.Module):
 
     def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
                  adapter_name: str = "default", modules_to_save: list[str] | None = None,
-                 trainable: bool = True, quantize=None):
+                 trainable: bool = True, quantize=None, _then=None):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
@@ -82,7 +82,8 @@ class CompiledModel(PeftSurface, nn.Module):
         self.peftc = self.state.root
         self.programs = Programs(model, self.state, backend, first)
         self._folded: Folded | None = None
-        self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
+        self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True,
+                  then=None if _then is None else lambda: _then(self))
         self.set_adapter(adapter_name)
         self.state.update_trainability()
         self.__class__ = showing_signature_of(CompiledModel, type(model))
@@ -97,10 +98,10 @@ class CompiledModel(PeftSurface, nn.Module):
         """:func:`peftc.from_pretrained` (PEFT's ``PeftModel.from_pretrained``)."""
         config, tensors = peft_format.read_checkpoint(adapter_dir)
         rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
-        with _fitting(model, adapter_dir):
+        with _fitting(model, adapter_dir):  # the weights load before a PiSSA residual is final
             cm = cls(model, rules, example_inputs, adapter_name=adapter_name, trainable=is_trainable,
+                     _then=lambda cm: peft_format.load_tensors(cm, adapter_name, tensors, str(adapter_dir)),
                      **compile_kwargs)
-            peft_format.load_tensors(cm, adapter_name, tensors, str(adapter_dir))
         return cm if is_trainable else cm.eval()
 
     # -- calling ----------------------------------------------------------------
@@ -248,19 +249,29 @@ class CompiledModel(PeftSurface, nn.Module):
         model = self.base_model
         rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
         with _fitting(model, adapter_dir):
-            self._add(adapter_name, rules, None, is_trainable)
-            try:
-                peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir))
-            except BaseException:
-                self.state.delete(adapter_name)
-                raise
+            self._add(adapter_name, rules, None, is_trainable,
+                      then=lambda: peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir)))
         self.programs.rebuild(self._folded)
 
-    def _add(self, name: str, rules, modules_to_save, trainable: bool = True, freeze_base: bool = False) -> None:
-        """Match ``rules`` and register the adapter; raises before changing anything."""
+    def _add(self, name: str, rules, modules_to_save, trainable: bool = True, freeze_base: bool = False,
+             then=None) -> None:
+        """Match ``rules``, register the adapter, take its initial delta out of the base weights
+        if its kind ``changes_base`` (PiSSA, OLoRA) and call ``then()`` (loading its weights).
+        If anything raises, the adapter is gone and the weights are as they were."""
         matched, selectors, saved, options = match_rules(self.base_model, rules, self.programs.catalog(),
                                                          modules_to_save)
         self.state.register(name, matched, selectors, saved, options, trainable)
+        try:
+            placements = self.state.records[name].placements
+            if self.merged and any(p.adapter.changes_base for p in placements):
+                raise MergeError(f"adapter {name!r} starts from the base weights (PiSSA, OLoRA), which hold the "
+                                 f"merged adapters {self._folded.names}; unmerge() before adding it")
+            with residual_start(self.base_model, placements):
+                if then is not None:
+                    then()
+        except BaseException:
+            self.state.delete(name)
+            raise
         if freeze_base:
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
@@ -472,12 +483,18 @@ class CompiledModel(PeftSurface, nn.Module):
 
     # -- saving and exporting ---------------------------------------------------
 
-    def save_pretrained(self, directory, adapters: list[str] | None = None) -> None:
+    def save_pretrained(self, directory, adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion=None) -> None:
         """Write adapters in PEFT's format (``adapter_config.json`` + safetensors).
 
         ``default`` goes in ``directory``; other adapters in subfolders named after them.
+
+        Arguments:
+            path_initial_model_for_weight_conversion: as PEFT's: the folder a PiSSA/OLoRA
+                adapter was saved to before training; it is then saved as a plain LoRA (twice
+                the rank) for the original base model.
         """
-        peft_format.save_pretrained(self, directory, adapters)
+        peft_format.save_pretrained(self, directory, adapters, path_initial_model_for_weight_conversion)
 
     def export(self, path, format: str = "pt2", example_inputs=None, **options):
         """Export the merged model for deployment: ``"pt2"``, ``"onnx"`` or ``"hf"``.

@@ -8,7 +8,8 @@ per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA, IA³, prompt, prefix and P-tuning, and AdaptionPrompt; the native one
+model's adapter: PEFT's own for LoRA (DoRA: ``use_dora``), IA³, prompt, prefix and P-tuning, and
+AdaptionPrompt; the native one
 for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
@@ -28,6 +29,7 @@ from torch import nn
 from . import default_targets, moe_targets
 from .adapters.adaption_prompt import AdaptionPrompt
 from .adapters.base import Rule, adapter_from_config
+from .adapters.dora import DoRA
 from .adapters.ia3 import IA3
 from .adapters.lora import LoRA
 from .adapters.p_tuning import PTuning
@@ -68,7 +70,7 @@ _IA3_DEFAULTS = {
 }
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS, when the model has them
 _IGNORED_WHEN_DEFAULT = {
-    "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
+    "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None, "megatron_config": None, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "alora_invocation_tokens": None, "arrow_config": None,
 }
@@ -205,8 +207,10 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
     if unsupported:
         raise RuleError(f"LoraConfig options {unsupported} are not supported by peftc; remove them")
     init = config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False or 'gaussian'")
+    kind = DoRA if config.get("use_dora") else LoRA
+    if init not in (True, False, "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", str(init)):
+        raise RuleError(f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                        "'pissa_niter_<K>' or 'olora'")
     modules_to_save, task_type = _task_options(config)
     targets, within, parameters = config.get("target_modules"), None, set(config.get("target_parameters") or ())
     listed = False
@@ -232,7 +236,7 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
         targets, config.get("exclude_modules"), config.get("layers_to_transform"),
         config.get("layers_pattern"), modules_to_save, within, parameters, listed,
     )
-    adapter = LoRA(
+    adapter = kind(
         r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
         init=init, use_rslora=config.get("use_rslora", False),
         rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
@@ -403,7 +407,8 @@ def adapter_config(cm, name: str) -> dict:
     kinds = {type(p.adapter) for p in placements}
     if kinds == {Prompt} or kinds == {Prefix} or kinds == {PTuning}:
         return _prompt_learning_config(cm, name, kinds.pop())
-    if kinds == {LoRA} and len({p.adapter.use_rslora for p in placements}) == 1:
+    if kinds in ({LoRA}, {DoRA}) and len({(p.adapter.use_rslora, p.adapter.changes_base and p.adapter.init)
+                                          for p in placements}) == 1:
         return _lora_config(cm, name)
     if kinds == {IA3}:
         return _ia3_config(cm, name, placements)
@@ -514,13 +519,14 @@ def _lora_config(cm, name: str) -> dict:
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
         "use_rslora": use_rslora,
         "fan_in_fan_out": any(p.site.layout == "in_out" for p in placements),
-        "init_lora_weights": True,
+        # PiSSA/OLoRA stay: PEFT (and peftc) loading onto the original base redo its residual
+        "init_lora_weights": placements[0].adapter.init if placements[0].adapter.changes_base else True,
         "bias": options.get("bias", "none"),
         "modules_to_save": options.get("modules_to_save") or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
-        "use_dora": False,
+        "use_dora": isinstance(placements[0].adapter, DoRA),
         "lora_bias": False,
     }
 

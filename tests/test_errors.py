@@ -252,7 +252,8 @@ GOOD_RULE = {"adapter": {"kind": "lora", "r": 4}, "select": {"linear": ".*q_proj
 
 
 @pytest.mark.parametrize(("source", "match"), [
-    ({"rules": [{"adapter": {"kind": "dora", "r": 4}, "select": {"linear": ".*q_proj"}}]}, "unknown adapter kind 'dora'"),
+    ({"rules": [{"adapter": {"kind": "adalora", "r": 4}, "select": {"linear": ".*q_proj"}}]},
+     "unknown adapter kind 'adalora'"),
     ({"rules": [{"adapter": {"r": 4}, "select": {"linear": ".*q_proj"}}]}, "unknown adapter kind None"),
     ({"rules": [{"adapter": {"kind": "lora", "rank": 4}, "select": {"linear": ".*"}}]}, "rank"),
     ({"rules": [{"adapter": {"kind": "lora", "r": 0}, "select": {"linear": ".*"}}]}, "rank"),
@@ -261,7 +262,7 @@ GOOD_RULE = {"adapter": {"kind": "lora", "r": 4}, "select": {"linear": ".*q_proj
     ({"rules": [{"adapter": {"kind": "lora"}}]}, "rule 0"),
     ({"rulez": [GOOD_RULE]}, "rulez"),
     ({"rules": [GOOD_RULE], "bias": "some"}, "bias"),
-    ({"peft_type": "LORA", "use_dora": True, "target_modules": ["q_proj"]}, "use_dora"),
+    ({"peft_type": "LORA", "lora_bias": True, "target_modules": ["q_proj"]}, "lora_bias"),
 ])
 def test_bad_rules_dict(small, source, match):
     compile_fails(small, source, peftc.RuleError, match, example_inputs=SMALL_INPUT)

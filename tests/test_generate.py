@@ -10,9 +10,9 @@ import torch
 from conftest import (
     VOCAB,
     assert_unchanged,
+    make_bart,
     make_gpt2,
     make_llama,
-    make_bart,
     make_qwen2,
     make_t5,
     snapshot,

@@ -6,7 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import BUILDERS, VOCAB, assert_counts_like_peft, make_bart, make_bert_cls, make_llama, make_t5, padded_batch
+from conftest import (
+    BUILDERS,
+    VOCAB,
+    assert_counts_like_peft,
+    make_bart,
+    make_bert_cls,
+    make_llama,
+    make_t5,
+    padded_batch,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

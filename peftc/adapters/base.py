@@ -16,7 +16,11 @@ Two optional hooks serve kinds that work at the model's input boundary
 things: ``rewrite_decode_inputs`` (the inputs of later steps, whose KV cache
 holds what the first added) and ``generation_tokens``. Two more let the trunk
 ask a kind instead of testing its class: ``no_site_hint`` (what to say when a
-rule finds no site) and ``combine`` (``add_weighted_adapter``).
+rule finds no site) and ``combine`` (``add_weighted_adapter``). A kind whose
+``changes_base`` is true (LoRA's PiSSA and OLoRA inits) has its initial merge
+delta taken out of the base weights when it is added; a kind whose unmerge
+needs what merging saw may keep it in its state during ``merge_delta`` (DoRA's
+weight norm), since ``unmerge_delta`` follows the matching merge.
 
 A :class:`Rule` (``adapter.on(selector)``) pairs a spec with a selector.
 """
@@ -125,6 +129,14 @@ class Adapter:
         """What unmerging subtracts, given the *merged* parameters. The default, the
         merge delta again, is right for additive kinds; a multiplicative kind overrides it."""
         return self.merge_delta(site, state, weights)
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether adding this adapter subtracts its initial :meth:`unmerge_delta` from the base
+        weights, so that base plus adapter is the model as it was (PiSSA, OLoRA: the adapter
+        starts as the weight's principal part, the base keeps the residual). peftc does it
+        with the merge writer, all or nothing, once the adapter's state is registered."""
+        return False
 
     @property
     def mergeable(self) -> bool:

@@ -43,12 +43,14 @@ from torch import nn
 
 from ..errors import RuleError
 from ..match import compile_regex
+from ..storage import is_packed, read_as
 from .base import Adapter, widen
 
 aten = torch.ops.aten
 EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
 
-_INITS = (True, False, "gaussian")
+_INITS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
+_NITER = re.compile(r"pissa_niter_(\d+)")
 _COMBINATIONS = ("linear", "cat", "svd")
 
 
@@ -89,7 +91,12 @@ class LoRA(Adapter):
         dropout: dropout probability on the adapter input, in training mode only.
         init: ``True`` (A Kaiming-uniform, B zeros), ``"gaussian"`` (A normal
             with std 1/r, B zeros) or ``False`` (both Kaiming-uniform: the
-            adapter is not a no-op at the start).
+            adapter is not a no-op at the start); or, on linear ops, one that
+            starts from the weight and leaves the base weight the residual
+            ``W - scaling * B A`` (:attr:`changes_base`): ``"pissa"`` (the top
+            ``r`` singular triplets, ``B = U sqrt(S/scaling)``, ``A = sqrt(S/scaling) V^T``),
+            ``"pissa_niter_K"`` (the same by ``torch.svd_lowrank`` with ``K``
+            iterations: random) or ``"olora"`` (``W = QR``: ``B = Q[:, :r]``, ``A = R[:r]``).
         use_rslora: rank-stabilised scaling.
         rank_pattern, alpha_pattern: ``{pattern: value}`` overrides by module
             path, matched as PEFT does (``(.*\\.)?(pattern)$``, first hit wins).
@@ -117,8 +124,8 @@ class LoRA(Adapter):
                 raise RuleError(f"LoRA alpha={value!r} must be a finite number > 0 (try alpha=2*r)")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise RuleError(f"LoRA dropout={dropout!r} must be in [0, 1)")
-        if init not in _INITS:
-            raise RuleError(f"LoRA init={init!r} must be one of {_INITS}")
+        if init not in _INITS and not (isinstance(init, str) and _NITER.fullmatch(init)):
+            raise RuleError(f"LoRA init={init!r} must be one of {_INITS} or 'pissa_niter_<K>'")
         for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in patterns:
                 compile_regex(key, f"{what} key", _PATTERN)
@@ -137,6 +144,49 @@ class LoRA(Adapter):
             return f"LoRA supports linear-like ops (linear, addmm, mm, matmul) and embedding lookups, not {site.op}"
         return None
 
+    @property
+    def changes_base(self) -> bool:
+        return isinstance(self.init, str) and self.init != "gaussian"
+
+    def init_states(self, sites, model):
+        """PiSSA and OLoRA start from each site's weight; the other inits don't read it."""
+        states = super().init_states(sites, model)
+        if self.changes_base:
+            for site, (_, state) in zip(sites, states, strict=True):
+                self._from_weight(site, state, model.get_parameter(site.weight_path))
+        return states
+
+    @torch.no_grad()
+    def _from_weight(self, site, state, weight) -> None:
+        """PEFT's PiSSA / OLoRA factors of ``weight`` (float32, ``[out, in]``) into ``state``."""
+        if site.kind == EMBEDDING or is_packed(weight) or weight.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16):
+            what = "an embedding" if site.kind == EMBEDDING else f"a {read_as(weight)[1]} weight"
+            raise RuleError(f"LoRA init={self.init!r} at {site.path}: peftc starts PiSSA/OLoRA from "
+                            f"float32/float16/bfloat16 linear weights only, not {what}; use init=True there, "
+                            "or initialise before quantizing")
+        if self.init == "olora" and site.layout != "out_in":
+            raise RuleError(f"LoRA init='olora' at {site.path}: its weight is stored [in, out] (Conv1D, x @ W), "
+                            "where PEFT's OLoRA factors the wrong side; use init='pissa' or True")
+        w, r, s = weight.detach().float(), state.r, self.scaling(site.path)  # a Python float, as PEFT's
+        if r > min(w.shape):
+            raise RuleError(f"LoRA init={self.init!r} at {site.path}: rank {r} exceeds the weight's "
+                            f"{min(w.shape)}; lower r")
+        if self.init == "olora":
+            q, rr = torch.linalg.qr(w)
+            b, a = q[:, :r], rr[:r]
+        else:
+            w = w if site.layout == "out_in" else w.T
+            if self.init == "pissa":
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                u, sv, vh = u[:, :r], sv[:r] / s, vh[:r]
+            else:
+                u, sv, v = torch.svd_lowrank(w, r, niter=int(_NITER.fullmatch(self.init).group(1)))
+                sv, vh = sv / s, v.t()
+            a, b = torch.diag(torch.sqrt(sv)) @ vh, u @ torch.diag(torch.sqrt(sv))
+        state.lora_A.copy_(a.contiguous())
+        state.lora_B.copy_(b.contiguous())
+
     def init_state(self, site) -> LoRAState | LoRAEmbeddingState:
         r, _ = self.rank_and_alpha(site.path)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
@@ -151,6 +201,8 @@ class LoRA(Adapter):
             return state
         state = LoRAState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
         with torch.no_grad():
+            if self.changes_base:  # filled from the weight by init_states
+                return state
             if self.init == "gaussian":
                 nn.init.normal_(state.lora_A, std=1 / r)
             else:

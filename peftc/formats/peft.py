@@ -125,8 +125,15 @@ def _without_base_copies(cm, name: str, tensors: dict[str, torch.Tensor], source
     return {k: v for k, v in tensors.items() if k not in keys}
 
 
-def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None) -> list[Path]:
+def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None = None,
+                    initial: str | os.PathLike | None = None) -> list[Path]:
     """Write each adapter in PEFT's format; return the folders written.
+
+    Arguments:
+        initial: PEFT's ``path_initial_model_for_weight_conversion``: the folder a PiSSA or
+            OLoRA adapter was saved to before training. The one adapter saved is then
+            written as the plain LoRA that gives the same model on the *original* base
+            weights (see :func:`as_plain_lora`).
 
     All or nothing: every file of every adapter is first written to a temporary
     sibling; only when all are complete do they replace the old files, and if
@@ -143,6 +150,9 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
     for name in names:
         if name not in cm.adapters:
             raise PeftcError(f"no adapter named {name!r}; adapters: {cm.adapters}")
+    if initial is not None and len(names) != 1:
+        raise PeftcError(f"path_initial_model_for_weight_conversion converts one adapter; pass adapters=[name] "
+                         f"(adapters: {names})")
     folders = [root if name == "default" else root / name for name in names]
     for folder in folders:
         for path in (folder, *folder.parents):
@@ -152,7 +162,10 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
     contents = []  # everything to write, computed before the disk is touched
     for name, folder in zip(names, folders, strict=True):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
-        contents.append((folder, adapter_config(cm, name), tensors))
+        config = adapter_config(cm, name)
+        if initial is not None:
+            config, tensors = as_plain_lora(config, tensors, *read_checkpoint(initial), str(initial))
+        contents.append((folder, config, tensors))
     made: list[Path] = []
     staged: list[tuple[Path, Path]] = []  # (complete temporary file, the file it replaces)
     try:
@@ -174,6 +187,40 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
                 pass
         raise
     return folders
+
+
+def as_plain_lora(config: dict, tensors: dict[str, torch.Tensor], initial_config: dict,
+                  initial: dict[str, torch.Tensor], source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PiSSA / OLoRA adapter as a plain LoRA of twice the rank, PEFT's conversion.
+
+    The trained ``(A, B)`` ran on the residual ``W - s B0 A0``; on the original ``W`` the
+    same model is ``W + s (B A - B0 A0)``: ``A = [A; A0]``, ``B = [B, -B0]``, with alpha
+    scaled so the scaling stays (rank and alpha patterns doubled with them).
+
+    Raises:
+        PeftcError: an adapter that isn't PiSSA/OLoRA LoRA, or an initial checkpoint that
+            doesn't hold the same sites and ranks.
+    """
+    if config.get("peft_type") != "LORA" or config.get("init_lora_weights") in (True, False, "gaussian", None):
+        raise PeftcError("path_initial_model_for_weight_conversion converts a LoRA adapter with a PiSSA or OLoRA "
+                         f"init; this one has peft_type {config.get('peft_type')!r}, init_lora_weights "
+                         f"{config.get('init_lora_weights')!r}: save it without the argument")
+    out = dict(tensors)
+    for key, a in tensors.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        key_b = key.removesuffix("lora_A.weight") + "lora_B.weight"
+        a0, b0 = initial.get(key), initial.get(key_b)
+        if a0 is None or b0 is None or a0.shape != a.shape or b0.shape != tensors[key_b].shape:
+            raise PeftcError(f"{source} holds no initial {key} / lora_B of this adapter's shapes: pass the folder "
+                             "the adapter was saved to right after it was created, before training")
+        out[key] = torch.cat([a, a0.to(a)], 0).contiguous()
+        out[key_b] = torch.cat([tensors[key_b], -b0.to(a)], 1).contiguous()
+    factor = 2 ** 0.5 if config.get("use_rslora") else 2
+    config = {**config, "r": 2 * config["r"], "lora_alpha": factor * config["lora_alpha"], "init_lora_weights": True,
+              "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+              "alpha_pattern": {k: factor * v for k, v in (config.get("alpha_pattern") or {}).items()}}
+    return config, out
 
 
 def write_config(path: str | os.PathLike, config: dict) -> None:

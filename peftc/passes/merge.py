@@ -5,6 +5,8 @@
 ``modules_to_save`` values over the originals; it returns a :class:`Folded`
 record, the one fact of what was merged and how to undo it. :func:`unfold`
 and :func:`refold` take it out and put it back (``disable_adapter`` while merged).
+:func:`residual_start` takes a new adapter's initial delta out of the weights
+(PiSSA, OLoRA), as unmerging would.
 
 All three writers (:func:`fold`, :func:`unfold`, :func:`refold`) are all-or-nothing: every delta is computed and checked
 before anything is written, and if anything raises while writing (a kind's
@@ -120,6 +122,16 @@ def refold(model: nn.Module, folded: Folded) -> None:
         stash = _copy_in(model, folded.copies, writes)
     folded.stash.update(stash)
     folded.packed.extend(writes.packed_originals())
+
+
+@contextmanager
+def residual_start(model: nn.Module, placements: list[Placement]):
+    """Subtract the initial delta of each placement whose kind ``changes_base`` (PiSSA, OLoRA)
+    from its weights; if the block raises, every weight gets its old value back, bit for bit."""
+    changing = [p for p in placements if p.adapter.changes_base]
+    with _all_or_nothing(model) as writes:
+        _write_deltas(model, changing, -1, False, writes)
+        yield
 
 
 class _Writes:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..adapters.base import Adapter
+from ..adapters.dora import DoRA
 from ..adapters.lora import LoRA
 from ..match import linear
 from ..rules import Rule
@@ -42,6 +43,7 @@ __all__ = [
     "TinyMLP",
     "TinyTransformer",
     "cases",
+    "doras",
     "inputs",
     "linear_paths",
     "loras",
@@ -315,6 +317,13 @@ def loras(max_r: int = 4, use_rslora: bool | None = None) -> st.SearchStrategy[L
     rslora = st.booleans() if use_rslora is None else st.just(use_rslora)
     return st.builds(LoRA, r=st.integers(1, max_r), alpha=st.sampled_from([1, 2, 8, 16.5]),
                      init=st.just(False), use_rslora=rslora)
+
+
+def doras(max_r: int = 4) -> st.SearchStrategy[DoRA]:
+    """DoRA specs as :func:`loras` draws them (``init=False``: the magnitude starts at the norms
+    of ``W + s BA``, so merging changes the weights' directions as well as their lengths)."""
+    return st.builds(DoRA, r=st.integers(1, max_r), alpha=st.sampled_from([1, 2, 8, 16.5]),
+                     init=st.just(False), use_rslora=st.booleans())
 
 
 @st.composite
