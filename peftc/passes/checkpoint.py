@@ -43,8 +43,8 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import PeftcError
-from .builder import META_ADAPTER
 from .derive import empty_like, over_state
+from .regions import layer_runs
 
 # ``torch.utils.checkpoint.checkpoint``'s own options; any other keyword it would pass to the region.
 CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug",
@@ -113,7 +113,7 @@ def checkpointed(gm: fx.GraphModule, plan: Checkpointing, prefix: str = "") -> f
         adapter state), with the regions as submodules ``checkpoint_0``, ...;
         ``gm`` itself when no node ran in a checkpointed layer.
     """
-    runs = _runs(gm.graph, plan.layers, prefix)
+    runs = layer_runs(gm.graph, plan.layers, prefix)
     if not runs:
         return gm
     last = {run[-1]: i for i, run in enumerate(runs)}
@@ -144,51 +144,6 @@ def _layers(model: nn.Module, pattern: str | None) -> list[str]:
         if hit and not any(name.startswith(outer + ".") for outer in chosen):
             chosen.append(name)
     return chosen
-
-
-def _layer_of(node: fx.Node, layers: frozenset[str], prefix: str) -> str | None:
-    """The outermost checkpointed layer ``node`` ran in, if any."""
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        path = path[len(prefix):] if prefix and path.startswith(prefix) else path
-        if path in layers:
-            return path
-    return None
-
-
-def _runs(graph: fx.Graph, layers: frozenset[str], prefix: str) -> list[list[fx.Node]]:
-    """Maximal runs of nodes of one checkpointed layer, each from its first node to its last.
-
-    State reads (``get_attr``) never join a run; nodes peftc inserted join the run
-    around them; any other node ends the run it falls in.
-    """
-    runs: list[list[fx.Node]] = []
-    run: list[fx.Node] = []
-    layer: str | None = None
-    pending: list[fx.Node] = []  # peftc's nodes since the run's last node
-
-    def close():
-        nonlocal run, layer
-        if run:
-            runs.append(run)
-        run, layer = [], None
-        pending.clear()
-
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            continue
-        here = _layer_of(node, layers, prefix) if node.op == "call_function" else None
-        if here is not None and here == layer:
-            run += pending + [node]
-            pending.clear()
-        elif here is not None:
-            close()
-            run, layer = [node], here
-        elif run and node.op == "call_function" and META_ADAPTER in node.meta:
-            pending.append(node)
-        else:
-            close()
-    close()
-    return runs
 
 
 def _outline(graph: fx.Graph, run: list[fx.Node], env: dict, name: str,
