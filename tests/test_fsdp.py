@@ -74,3 +74,79 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, checkpointing):
     assert theirs.keys() == ours.keys()
     for name, value in ours.items():
         torch.testing.assert_close(theirs[name], value, atol=1e-6, rtol=0)
+
+
+# -- one process (a process group of one): the same code path, and what bad input gets -----------------
+
+
+@pytest.fixture
+def group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_equals_unsharded_in_train_and_eval(group):
+    """Sharded over one rank, the graph runs through FSDP2's hooks and must compute what the plain
+    graph computes; eval mode needs a new trace, taken with the shards gathered."""
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    plain = peftc.compile(make_llama(), RULES, backend="eager").train()
+    cm = peftc.distributed.fully_shard(peftc.compile(make_llama(), RULES, backend="eager").train())
+    for model in (plain, cm):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in cm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.full_tensor(), grads[name], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(cm.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits,
+                                   atol=1e-6, rtol=0)
+
+
+def test_bad_input_gets_clear_errors(group):
+    from conftest import assert_unchanged, snapshot
+    from torch.distributed.device_mesh import DeviceMesh
+
+    model = make_llama()
+    cm = peftc.compile(model, RULES, backend="eager")
+    cm.merge()
+    before = snapshot(model)
+    with pytest.raises(peftc.MergeError, match="unmerge"):
+        peftc.distributed.fully_shard(cm)
+    assert_unchanged(model, before)
+    cm.unmerge()
+    before = snapshot(model)
+    with pytest.raises(peftc.PeftcError, match="doesn't fit the process group"):
+        peftc.distributed.fully_shard(cm, DeviceMesh("cpu", torch.zeros(1, 1, dtype=torch.int)))
+    with pytest.raises(peftc.PeftcError, match="no layer to shard"):
+        peftc.distributed.fully_shard(cm, layers=r"nothing\.here")
+    assert_unchanged(model, before)
+
+    inductor = peftc.compile(make_llama(), RULES)  # nothing compiles until a call
+    with pytest.raises(peftc.PeftcError, match="backend='eager'"):
+        peftc.distributed.fully_shard(inductor)
+
+    peftc.distributed.fully_shard(cm)
+    with pytest.raises(peftc.MergeError, match="FSDP shards"):
+        cm.merge()
+    with pytest.raises(peftc.PeftcError, match="sharded already"):
+        peftc.distributed.fully_shard(cm)
+
+
+def test_qlora_base_is_refused(group):
+    cm = peftc.compile(make_llama(), RULES, backend="eager", quantize="nf4")
+    with pytest.raises(peftc.QuantizationError, match="4-bit"):
+        peftc.distributed.fully_shard(cm)
+    assert cm.programs.sharding is None and not any(peftc.distributed.is_sharded(p) for p in cm.parameters())
+
+
+def test_sharding_before_compile_blames_fsdp(group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    with pytest.raises(peftc.TraceError, match="peftc.distributed.fully_shard"):
+        peftc.compile(model, RULES, backend="eager")
