@@ -38,6 +38,10 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
                 **fsdp_options):
     """Shard ``cm``'s base model and adapters over ``mesh`` with FSDP2, layer by layer.
 
+    Layers (and ``cm``) that torch's ``fully_shard`` was already applied to (by your
+    own per-layer calls, or Accelerate's FSDP2 plugin) are kept as they are: this
+    call then only makes the graphs read their shards.
+
     Arguments:
         cm: a :class:`~peftc.CompiledModel` compiled with ``backend="eager"``, not merged.
         mesh: a 1-D ``DeviceMesh`` over every rank (default: one over the whole
@@ -57,6 +61,7 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
             already sharded. MergeError: merged adapters. QuantizationError: a
             bitsandbytes 4-bit base. The model is unchanged then.
     """
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     if cm.programs.sharding is not None:
@@ -64,7 +69,8 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
     if cm.merged:
         raise MergeError("FSDP can't shard merged weights and keep the merge undoable: unmerge() first, then "
                          "shard (or merge_and_unload() and shard the plain model)")
-    packed = [name for name, p in cm.base_model.named_parameters() if type(p) not in (nn.Parameter, torch.Tensor)]
+    packed = [name for name, p in cm.base_model.named_parameters()
+              if type(p) not in (nn.Parameter, torch.Tensor) and not is_sharded(p)]
     if packed:
         raise QuantizationError(f"FSDP2 can't shard bitsandbytes' packed 4-bit weights ({packed[0]} is a "
                                 f"{type(cm.base_model.get_parameter(packed[0])).__name__}): compile without "
@@ -73,12 +79,15 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
     model = cm.base_model
     units = _layers(model, layers)
     cm.programs.set_sharding(Sharding(model, units, lambda: _gathered(cm)))  # raises for a compiled backend
-    originals = {id(p): p for p in cm.parameters()}
+    originals = [p for program in cm.programs for p in program.gm.parameters()]
+    originals += [p for t in cm.programs.traces() for p in t.ep.state_dict.values()]
     options = {"mesh": mesh, **fsdp_options}
-    for layer in units.values():
-        torch_fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
-    torch_fully_shard(cm, **options)
-    _free_originals(originals.values(), cm)
+    for layer in units.values():  # units sharded already (the user's own calls, Accelerate's) are kept
+        if not isinstance(layer, FSDPModule):
+            torch_fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    if not isinstance(cm, FSDPModule):
+        torch_fully_shard(cm, **options)
+    _free_originals(originals, cm)
     return cm
 
 
@@ -126,7 +135,7 @@ def _layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Module]:
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         hit = (bool(name) and re.fullmatch(pattern, name) is not None if pattern is not None
-               else type(module).__name__ in classes)
+               else any(c.__name__ in classes for c in type(module).__mro__))  # FSDP<class> too
         if hit and not any(name.startswith(outer + ".") for outer in chosen):
             chosen[name] = module
     if not chosen:
@@ -155,7 +164,7 @@ def _gathered(cm):
 def _free_originals(originals, cm) -> None:
     """Free the storage of the whole parameters FSDP2 replaced by shards: the traces ``compile``
     made still hold them (they are read no more: graphs read the live modules now)."""
-    live = {t.untyped_storage().data_ptr() for p in cm.parameters()
+    live = {t.untyped_storage().data_ptr() for p in (*cm.parameters(), *cm.buffers())
             for t in ([p.to_local()] if is_sharded(p) else [p])}
     for p in originals:
         if not is_sharded(p) and p.untyped_storage().data_ptr() not in live:

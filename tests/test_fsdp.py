@@ -150,3 +150,21 @@ def test_sharding_before_compile_blames_fsdp(group):
         fully_shard(layer)
     with pytest.raises(peftc.TraceError, match="peftc.distributed.fully_shard"):
         peftc.compile(model, RULES, backend="eager")
+
+
+def test_the_users_own_per_layer_calls_are_kept(group):
+    """torch's per-layer recipe applied to the compiled model (as Accelerate's FSDP2 plugin does):
+    peftc.distributed.fully_shard keeps those units and makes the graph read their shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    plain = peftc.compile(make_llama(), RULES, backend="eager").train()
+    cm = peftc.compile(make_llama(), RULES, backend="eager").train()
+    layers = list(cm.base_model.model.layers)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(cm)
+    peftc.distributed.fully_shard(cm)
+    assert all(fully_shard.state(layer) is not None for layer in layers)
+    torch.testing.assert_close(cm(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss,
+                               atol=1e-6, rtol=0)
