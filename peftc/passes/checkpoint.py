@@ -34,7 +34,6 @@ returns a new graph module that shares the input's state modules.
 
 from __future__ import annotations
 
-import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import PeftcError
 from .derive import empty_like, over_state
-from .regions import layer_runs
+from .regions import layer_runs, map_outputs, region_graph
 
 # ``torch.utils.checkpoint.checkpoint``'s own options; any other keyword it would pass to the region.
 CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug",
@@ -149,24 +148,10 @@ def _layers(model: nn.Module, pattern: str | None) -> list[str]:
 def _outline(graph: fx.Graph, run: list[fx.Node], env: dict, name: str,
              options: dict) -> fx.GraphModule:
     """Move ``run`` into a graph module called through ``checkpoint`` from ``graph``; map its outputs in ``env``."""
-    members = set(run)
-    inputs: dict[fx.Node, None] = {}
-    for node in run:
-        fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.setdefault(n) if n not in members else None)
-    outputs = [n for n in run if any(user not in members for user in n.users)]
-    sub = fx.Graph()
-    local: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
-        local[node] = sub.placeholder(node.name)
-        local[node].meta = dict(node.meta)
-    for node in run:
-        local[node] = sub.node_copy(node, local.__getitem__)
-    sub.output(tuple(local[n] for n in outputs))
+    sub, inputs, outputs = region_graph(run)
     region = fx.GraphModule(nn.Module(), sub, class_name=name)
     fn = graph.get_attr(name)
     call = graph.call_function(checkpoint, (fn, *(env[n] for n in inputs)), {**options, "use_reentrant": False})
-    for i, node in enumerate(outputs):
-        env[node] = graph.call_function(operator.getitem, (call, i))
-        env[node].meta = dict(node.meta)
+    map_outputs(graph, call, outputs, env)
     return region
 

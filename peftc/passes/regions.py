@@ -14,6 +14,8 @@ maximal runs of one layer's nodes::
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
 from .builder import META_ADAPTER
@@ -62,3 +64,41 @@ def layer_runs(graph: fx.Graph, layers: frozenset[str], prefix: str) -> list[lis
             close()
     close()
     return runs
+
+
+def region_graph(run: list[fx.Node], reads: frozenset[fx.Node] = frozenset()) -> tuple[fx.Graph, list, list]:
+    """``run`` copied into a graph of its own: ``(graph, inputs, outputs)``.
+
+    Every value ``run`` uses from outside becomes a placeholder (``inputs``, in order),
+    except the state ``reads`` (``get_attr`` nodes), which the region reads itself;
+    it returns, as one tuple, each of its nodes used outside (``outputs``).
+    """
+    members = set(run)
+    inputs: dict[fx.Node, None] = {}
+    for node in run:
+        fx.node.map_arg((node.args, node.kwargs),
+                        lambda n: inputs.setdefault(n) if n not in members and n not in reads else None)
+    outputs = [n for n in run if any(user not in members for user in n.users)]
+    sub = fx.Graph()
+    local: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        local[node] = sub.placeholder(node.name)
+        local[node].meta = dict(node.meta)
+
+    def arg(n: fx.Node) -> fx.Node:
+        if n not in local:  # one of the reads
+            local[n] = sub.get_attr(n.target)
+            local[n].meta = dict(n.meta)
+        return local[n]
+
+    for node in run:
+        local[node] = sub.node_copy(node, arg)
+    sub.output(tuple(local[n] for n in outputs))
+    return sub, list(inputs), outputs
+
+
+def map_outputs(graph: fx.Graph, call: fx.Node, outputs: list[fx.Node], env: dict) -> None:
+    """Map each of a region's ``outputs`` in ``env`` to its item of ``call``'s result in ``graph``."""
+    for i, node in enumerate(outputs):
+        env[node] = graph.call_function(operator.getitem, (call, i))
+        env[node].meta = dict(node.meta)

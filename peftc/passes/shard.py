@@ -32,7 +32,6 @@ pass) recomputes them, FSDP2's hooks included, as it would an FSDP layer.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from torch import fx, nn
 from ..errors import PeftcError
 from .builder import STATE_ROOT
 from .derive import empty_like
-from .regions import layer_of, layer_runs
+from .regions import layer_of, layer_runs, map_outputs, region_graph
 
 UNIT = "shard_{}"  # the name of run i's LayerCall in the returned graph module
 
@@ -139,32 +138,10 @@ def _layer(run: list[fx.Node], layers: frozenset[str], prefix: str) -> str:
 def _outline(run: list[fx.Node], owned: set[fx.Node], graph: fx.Graph, env: dict, name: str) -> fx.Graph:
     """Move ``run`` into a region graph that reads the ``owned`` state itself; call it from ``graph``
     through ``run_layer`` and map the run's outputs in ``env``."""
-    members = set(run)
-    inputs: dict[fx.Node, None] = {}
-    for node in run:
-        fx.node.map_arg((node.args, node.kwargs),
-                        lambda n: inputs.setdefault(n) if n not in members and n not in owned else None)
-    outputs = [n for n in run if any(user not in members for user in n.users)]
-    sub = fx.Graph()
-    local: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
-        local[node] = sub.placeholder(node.name)
-        local[node].meta = dict(node.meta)
-
-    def arg(n: fx.Node) -> fx.Node:
-        if n not in local:  # an owned read: inside, after the layer's hooks gathered it
-            local[n] = sub.get_attr(n.target)
-            local[n].meta = dict(n.meta)
-        return local[n]
-
-    for node in run:
-        local[node] = sub.node_copy(node, arg)
-    sub.output(tuple(local[n] for n in outputs))
+    sub, inputs, outputs = region_graph(run, frozenset(owned))  # owned reads: inside, after the hooks gathered
     call = graph.call_function(run_layer, (graph.get_attr(name), *(env[n] for n in inputs)))
     call.meta["nn_module_stack"] = dict(run[0].meta.get("nn_module_stack") or {})
-    for i, node in enumerate(outputs):
-        env[node] = graph.call_function(operator.getitem, (call, i))
-        env[node].meta = dict(node.meta)
+    map_outputs(graph, call, outputs, env)
     return sub
 
 
