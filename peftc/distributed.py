@@ -58,7 +58,7 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
 
     Raises:
         PeftcError: no process group, a mesh that doesn't fit it, no layer found,
-            already sharded. MergeError: merged adapters. QuantizationError: a
+            already sharded, ``cm`` sharded (by torch's ``fully_shard``) before its layers. MergeError: merged adapters. QuantizationError: a
             bitsandbytes 4-bit base. The model is unchanged then.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -78,6 +78,10 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
     mesh = _mesh(mesh, cm)
     model = cm.base_model
     units = _layers(model, layers)
+    if isinstance(cm, FSDPModule) and not all(isinstance(layer, FSDPModule) for layer in units.values()):
+        raise PeftcError("torch's fully_shard(cm) was applied to the root before its layers: the root's unit holds "
+                         "every weight and gathers all of them at once. Compile again and shard the layers first, "
+                         "or let peftc.distributed.fully_shard(cm) shard both")
     cm.programs.set_sharding(Sharding(model, units, lambda: _gathered(cm)))  # raises for a compiled backend
     originals = [p for program in cm.programs for p in program.gm.parameters()]
     originals += [p for t in cm.programs.traces() for p in t.ep.state_dict.values()]

@@ -128,6 +128,12 @@ def test_bad_input_gets_clear_errors(group):
     with pytest.raises(peftc.PeftcError, match="backend='eager'"):
         peftc.distributed.fully_shard(inductor)
 
+    from torch.distributed.fsdp import fully_shard
+
+    root_only = fully_shard(peftc.compile(make_llama(), RULES, backend="eager"))
+    with pytest.raises(peftc.PeftcError, match="root before its layers"):
+        peftc.distributed.fully_shard(root_only)
+
     peftc.distributed.fully_shard(cm)
     with pytest.raises(peftc.MergeError, match="FSDP shards"):
         cm.merge()
