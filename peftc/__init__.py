@@ -5,6 +5,7 @@ The public API, listed once::
     cm = peftc.compile(model, [peftc.LoRA(r=8).on(peftc.linear(r".*q_proj"))])
 """
 
+from . import distributed as distributed
 from .adapters.adaption_prompt import AdaptionPrompt as AdaptionPrompt
 from .adapters.base import Adapter as Adapter
 from .adapters.bitfit import BitFit as BitFit

@@ -429,6 +429,9 @@ class CompiledModel(PeftSurface, nn.Module):
         if self.merged:
             warnings.warn("adapters are already merged; nothing to do", stacklevel=2)
             return
+        if self.programs.sharding is not None:
+            raise MergeError("the weights are FSDP shards: merging would fold whole deltas into them. Save the "
+                             "adapter (save_pretrained), then load and merge it into an unsharded model")
         if self.state.disabled:  # merge the adapters enabling runs (as PEFT does); out of the weights till then
             self.enable_adapter_layers()
             try:

@@ -14,6 +14,7 @@ adapters, which change sequence lengths, select a program of their own.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from .passes.insert import insert_adapters, strip_adapters
 from .passes.lower import lower
 from .passes.merge import Folded
 from .passes.quantize import quantize_reads, restore_reads
+from .passes.shard import Sharding, sharded
 from .passes.swap import swap_params
 from .state import AdapterState
 from .trace import Trace, signature, trace
@@ -70,6 +72,7 @@ class Programs:
         self._catalog = first
         self._checkpointing: Checkpointing | None = None
         self._input_grads: str | None = None
+        self._sharding: Sharding | None = None
 
     def __len__(self) -> int:
         return sum(len(programs) for programs in self._cache.values())
@@ -98,7 +101,8 @@ class Programs:
             t = first
         else:
             boundary = Boundary(self._model, self._state.root, rewrites) if rewrites else None
-            t = trace(self._model, args, kwargs, sig, boundary)
+            with self._sharding.gathered() if self._sharding is not None else contextlib.nullcontext():
+                t = trace(self._model, args, kwargs, sig, boundary)
         program = self._build(t, folded)
         self._cache.setdefault(key, []).append(program)
         return program
@@ -147,6 +151,25 @@ class Programs:
         for program in self:
             program.fn = self._lower(program)
 
+    @property
+    def sharding(self) -> Sharding | None:
+        """The layers FSDP2 shards (graphs read them through the layers' calls); None: none."""
+        return self._sharding
+
+    def set_sharding(self, sharding: Sharding) -> None:
+        """Read every state through the live model and each of ``sharding``'s layers through its
+        FSDP2 hooks, in every graph; new traces are taken with the shards gathered.
+
+        Raises:
+            PeftcError: under ``torch.compile``, which would trace through FSDP2's hooks.
+        """
+        if self._backend not in (None, "eager"):
+            raise PeftcError(f"FSDP sharding runs the graph eagerly, through FSDP2's hooks; compile the model with "
+                             f"backend='eager' (not {self._backend!r}) before sharding it")
+        self._sharding = sharding
+        for program in self:
+            program.fn = self._lower(program)
+
     def drop(self, stale: Callable[[Program], bool]) -> None:
         """Forget the programs ``stale`` picks (they are traced again when needed)."""
         self._cache = {k: kept for k, ps in self._cache.items() if (kept := [p for p in ps if not stale(p)])}
@@ -177,6 +200,8 @@ class Programs:
 
     def _lower(self, program: Program) -> Callable:
         gm, plan, prefix = program.gm, self._checkpointing, program.trace.prefix
+        if self._sharding is not None:  # first: checkpointing recomputes the layer calls, hooks and all
+            gm = sharded(gm, self._sharding, prefix)
         if self._input_grads is not None:
             gm = requiring_input_grads(gm, self._input_grads, prefix)
         if plan is not None and program.trace.training:

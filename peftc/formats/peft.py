@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import gathered_tensor, writes_files
 from ..errors import PeftcError
 from ..peft_config import adapter_config, is_prompt_learning
 
@@ -161,11 +162,13 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
                                  "Pass a folder path (a new one, or an existing adapter folder)")
     contents = []  # everything to write, computed before the disk is touched
     for name, folder in zip(names, folders, strict=True):
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
+        tensors = {k: gathered_tensor(v.detach()).to("cpu").contiguous() for k, v in adapter_tensors(cm, name).items()}
         config = adapter_config(cm, name)
         if initial is not None:
             config, tensors = as_plain_lora(config, tensors, *read_checkpoint(initial), str(initial))
         contents.append((folder, config, tensors))
+    if not writes_files():  # sharded: every rank gathered the adapters above; rank 0 writes them
+        return []
     made: list[Path] = []
     staged: list[tuple[Path, Path]] = []  # (complete temporary file, the file it replaces)
     try:

@@ -34,7 +34,6 @@ returns a new graph module that shares the input's state modules.
 
 from __future__ import annotations
 
-import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import PeftcError
-from .builder import META_ADAPTER
 from .derive import empty_like, over_state
+from .regions import layer_runs, map_outputs, region_graph
 
 # ``torch.utils.checkpoint.checkpoint``'s own options; any other keyword it would pass to the region.
 CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug",
@@ -113,7 +112,7 @@ def checkpointed(gm: fx.GraphModule, plan: Checkpointing, prefix: str = "") -> f
         adapter state), with the regions as submodules ``checkpoint_0``, ...;
         ``gm`` itself when no node ran in a checkpointed layer.
     """
-    runs = _runs(gm.graph, plan.layers, prefix)
+    runs = layer_runs(gm.graph, plan.layers, prefix)
     if not runs:
         return gm
     last = {run[-1]: i for i, run in enumerate(runs)}
@@ -146,72 +145,13 @@ def _layers(model: nn.Module, pattern: str | None) -> list[str]:
     return chosen
 
 
-def _layer_of(node: fx.Node, layers: frozenset[str], prefix: str) -> str | None:
-    """The outermost checkpointed layer ``node`` ran in, if any."""
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        path = path[len(prefix):] if prefix and path.startswith(prefix) else path
-        if path in layers:
-            return path
-    return None
-
-
-def _runs(graph: fx.Graph, layers: frozenset[str], prefix: str) -> list[list[fx.Node]]:
-    """Maximal runs of nodes of one checkpointed layer, each from its first node to its last.
-
-    State reads (``get_attr``) never join a run; nodes peftc inserted join the run
-    around them; any other node ends the run it falls in.
-    """
-    runs: list[list[fx.Node]] = []
-    run: list[fx.Node] = []
-    layer: str | None = None
-    pending: list[fx.Node] = []  # peftc's nodes since the run's last node
-
-    def close():
-        nonlocal run, layer
-        if run:
-            runs.append(run)
-        run, layer = [], None
-        pending.clear()
-
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            continue
-        here = _layer_of(node, layers, prefix) if node.op == "call_function" else None
-        if here is not None and here == layer:
-            run += pending + [node]
-            pending.clear()
-        elif here is not None:
-            close()
-            run, layer = [node], here
-        elif run and node.op == "call_function" and META_ADAPTER in node.meta:
-            pending.append(node)
-        else:
-            close()
-    close()
-    return runs
-
-
 def _outline(graph: fx.Graph, run: list[fx.Node], env: dict, name: str,
              options: dict) -> fx.GraphModule:
     """Move ``run`` into a graph module called through ``checkpoint`` from ``graph``; map its outputs in ``env``."""
-    members = set(run)
-    inputs: dict[fx.Node, None] = {}
-    for node in run:
-        fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.setdefault(n) if n not in members else None)
-    outputs = [n for n in run if any(user not in members for user in n.users)]
-    sub = fx.Graph()
-    local: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
-        local[node] = sub.placeholder(node.name)
-        local[node].meta = dict(node.meta)
-    for node in run:
-        local[node] = sub.node_copy(node, local.__getitem__)
-    sub.output(tuple(local[n] for n in outputs))
+    sub, inputs, outputs = region_graph(run)
     region = fx.GraphModule(nn.Module(), sub, class_name=name)
     fn = graph.get_attr(name)
     call = graph.call_function(checkpoint, (fn, *(env[n] for n in inputs)), {**options, "use_reentrant": False})
-    for i, node in enumerate(outputs):
-        env[node] = graph.call_function(operator.getitem, (call, i))
-        env[node].meta = dict(node.meta)
+    map_outputs(graph, call, outputs, env)
     return region
 
