@@ -28,9 +28,12 @@ from torch import nn
 from . import default_targets, moe_targets
 from .adapters.base import Rule, adapter_from_config
 from .adapters.ia3 import IA3
+from .adapters.loha import LoHa
+from .adapters.lokr import LoKr
 from .adapters.lora import LoRA
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt
+from .adapters.vera import VeRA
 from .errors import RuleError
 from .match import Selector, check_layers_pattern, compile_regex, where
 from .sites import Site, layer_index
@@ -242,6 +245,26 @@ def _from_ia3(config: dict, model: nn.Module | None) -> Translated:
     return Translated(rules, modules_to_save, "none", task_type)
 
 
+def _from_kind(kind: type, config_name: str):
+    """The reader of a config whose kind takes its options from ``kind.from_peft`` and its
+    targets as LoRA's do (LoHa, LoKr, VeRA): listed, a regex, ``"all-linear"`` or PEFT's default."""
+
+    def read(config: dict, model: nn.Module | None) -> Translated:
+        adapter = kind.from_peft(config)
+        modules_to_save, task_type = _task_options(config)
+        targets = config.get("target_modules")
+        if targets is None:
+            targets = default_targets.targets_for(peft_type(config), model)
+            if targets is None:
+                raise RuleError(f"{config_name} has no target_modules and PEFT has no default for model type "
+                                f"{default_targets.model_type(model)!r}; set target_modules")
+        bias = {"vera_only": "lora_only"}.get(config.get("bias", "none"), config.get("bias", "none"))
+        return Translated([Rule(_target_selector(config, model, targets, modules_to_save), adapter)],
+                          modules_to_save, bias, task_type)
+
+    return read
+
+
 def _default_for(model: nn.Module | None, table: dict, config_name: str, option: str):
     """PEFT's per-model-type default for ``option``, or a RuleError asking for it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -364,6 +387,8 @@ def adapter_config(cm, name: str) -> dict:
         return _lora_config(cm, name)
     if kinds == {IA3}:
         return _ia3_config(cm, name, placements)
+    if kinds in ({LoHa}, {LoKr}, {VeRA}) and _one_peft_spec(placements):
+        return _kind_config(cm, name, placements)
     return _native_config(cm, name)
 
 
@@ -492,6 +517,40 @@ def _ia3_config(cm, name: str, placements) -> dict:
     }
 
 
+def _one_peft_spec(placements) -> bool:
+    """Whether PEFT's config can hold these LoHa, LoKr or VeRA placements: ``nn.Linear``-like
+    weights only (PEFT refuses these kinds on GPT-2's Conv1D) and one spec, up to ranks and alphas."""
+    specs = {json.dumps(p.adapter.peft_fields(), sort_keys=True) for p in placements}
+    return len(specs) == 1 and all(p.site.layout == "out_in" for p in placements)
+
+
+def _kind_config(cm, name: str, placements) -> dict:
+    """A PEFT ``LoHaConfig``, ``LoKrConfig`` or ``VeraConfig`` dict that rebuilds adapter ``name``."""
+    spec, options = placements[0].adapter, cm.adapter_options(name)
+    out = {
+        "peft_type": {LoHa: "LOHA", LoKr: "LOKR", VeRA: "VERA"}[type(spec)],
+        "task_type": options.get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "target_modules": sorted(p.key for p in placements),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": options.get("modules_to_save") or None,
+        **spec.peft_fields(),
+    }
+    if isinstance(spec, VeRA):
+        out.update(fan_in_fan_out=False, bias={"lora_only": "vera_only"}.get(options.get("bias", "none"),
+                                                                               options.get("bias", "none")))
+        return out
+    ranks = {p.key: p.adapter.rank_and_alpha(p.path) for p in placements}
+    r = Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in ranks.values()).most_common(1)[0][0]
+    out.update(r=r, alpha=alpha, rank_pattern={re.escape(k): v for k, (v, _) in ranks.items() if v != r},
+               alpha_pattern={re.escape(k): v for k, (_, v) in ranks.items() if v != alpha})
+    return out
+
+
 def _alpha(p, use_rslora: bool) -> float:
     scaling = float(p.state.scaling)
     alpha = scaling * (p.state.r ** 0.5 if use_rslora else p.state.r)
@@ -508,5 +567,6 @@ def _task_type(model) -> str | None:
     return None
 
 
-_READERS = {"LORA": _from_lora, "IA3": _from_ia3, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
+_READERS = {"LORA": _from_lora, "IA3": _from_ia3, "LOHA": _from_kind(LoHa, "LoHaConfig"),
+            "LOKR": _from_kind(LoKr, "LoKrConfig"), "VERA": _from_kind(VeRA, "VeraConfig"), "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
             NATIVE: _from_native}
