@@ -1,14 +1,14 @@
 """PEFT's adapter configs <-> peftc rules, in both directions.
 
-Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``
-or ``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
+Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``LoHaConfig``, ``LoKrConfig``,
+``VeraConfig``, ``PromptTuningConfig`` or ``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
 semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
 per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 ``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA, IA³, prompt or prefix tuning, the native one
+model's adapter: PEFT's own for LoRA, IA³, LoHa, LoKr, VeRA, prompt or prefix tuning, the native one
 for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
@@ -518,10 +518,11 @@ def _ia3_config(cm, name: str, placements) -> dict:
 
 
 def _one_peft_spec(placements) -> bool:
-    """Whether PEFT's config can hold these LoHa, LoKr or VeRA placements: ``nn.Linear``-like
-    weights only (PEFT refuses these kinds on GPT-2's Conv1D) and one spec, up to ranks and alphas."""
+    """Whether PEFT's config can hold these LoHa, LoKr or VeRA placements: one spec (up to
+    ranks and alphas), and for LoHa and LoKr ``[out, in]`` weights only (PEFT refuses them
+    on GPT-2's Conv1D; VeRA takes it, with ``fan_in_fan_out``)."""
     specs = {json.dumps(p.adapter.peft_fields(), sort_keys=True) for p in placements}
-    return len(specs) == 1 and all(p.site.layout == "out_in" for p in placements)
+    return len(specs) == 1 and all(p.site.layout == "out_in" or isinstance(p.adapter, VeRA) for p in placements)
 
 
 def _kind_config(cm, name: str, placements) -> dict:
@@ -540,7 +541,8 @@ def _kind_config(cm, name: str, placements) -> dict:
         **spec.peft_fields(),
     }
     if isinstance(spec, VeRA):
-        out.update(fan_in_fan_out=False, bias={"lora_only": "vera_only"}.get(options.get("bias", "none"),
+        del out["exclude_modules"]  # VeraConfig has none
+        out.update(fan_in_fan_out=any(p.site.layout == "in_out" for p in placements), bias={"lora_only": "vera_only"}.get(options.get("bias", "none"),
                                                                                options.get("bias", "none")))
         return out
     ranks = {p.key: p.adapter.rank_and_alpha(p.path) for p in placements}
