@@ -1,15 +1,15 @@
 """PEFT's adapter configs <-> peftc rules, in both directions.
 
-Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``LoHaConfig``, ``LoKrConfig``,
-``VeraConfig``, ``PromptTuningConfig`` or ``PrefixTuningConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
-semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
+Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``LoHaConfig``,
+``LoKrConfig``, ``VeraConfig``, ``PromptTuningConfig`` or ``PrefixTuningConfig`` as a
+dict (``adapter_config.json``), with PEFT 0.21's semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
 per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 ``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA, IA³, LoHa, LoKr, VeRA, prompt or prefix tuning, the native one
-for anything PEFT can't hold.
+model's adapter: PEFT's own for LoRA, IA³, LoHa, LoKr, VeRA, prompt or prefix
+tuning, the native one for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
 particular adapter kinds: it translates PEFT's vocabulary into theirs.
@@ -476,10 +476,7 @@ def _lora_config(cm, name: str) -> dict:
                       f"{max(dropouts)}", stacklevel=3)
     options = cm.adapter_options(name)
     return {
-        "peft_type": "LORA",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, "LORA"),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts, default=0.0),
@@ -500,14 +497,21 @@ def _lora_config(cm, name: str) -> dict:
     }
 
 
+def _header(cm, name: str, peft_type: str) -> dict:
+    """The fields every PEFT config dict written here starts with."""
+    return {
+        "peft_type": peft_type,
+        "task_type": cm.adapter_options(name).get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+    }
+
+
 def _ia3_config(cm, name: str, placements) -> dict:
     """A PEFT ``IA3Config`` dict that rebuilds adapter ``name`` on the same sites."""
     options = cm.adapter_options(name)
     return {
-        "peft_type": "IA3",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, "IA3"),
         "target_modules": sorted(p.key for p in placements),
         "feedforward_modules": sorted(p.key for p in placements if p.adapter.feedforward),
         "exclude_modules": None,
@@ -529,10 +533,7 @@ def _kind_config(cm, name: str, placements) -> dict:
     """A PEFT ``LoHaConfig``, ``LoKrConfig`` or ``VeraConfig`` dict that rebuilds adapter ``name``."""
     spec, options = placements[0].adapter, cm.adapter_options(name)
     out = {
-        "peft_type": {LoHa: "LOHA", LoKr: "LOKR", VeRA: "VERA"}[type(spec)],
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, {LoHa: "LOHA", LoKr: "LOKR", VeRA: "VERA"}[type(spec)]),
         "target_modules": sorted(p.key for p in placements),
         "exclude_modules": None,
         "layers_to_transform": None,
