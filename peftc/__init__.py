@@ -11,10 +11,13 @@ from .adapters.base import Adapter as Adapter
 from .adapters.bitfit import BitFit as BitFit
 from .adapters.dora import DoRA as DoRA
 from .adapters.ia3 import IA3 as IA3
+from .adapters.loha import LoHa as LoHa
+from .adapters.lokr import LoKr as LoKr
 from .adapters.lora import LoRA as LoRA
 from .adapters.p_tuning import PTuning as PTuning
 from .adapters.prefix import Prefix as Prefix
 from .adapters.prompt import Prompt as Prompt
+from .adapters.vera import VeRA as VeRA
 from .api import AutoPeftModel as AutoPeftModel
 from .api import AutoPeftModelForCausalLM as AutoPeftModelForCausalLM
 from .api import AutoPeftModelForFeatureExtraction as AutoPeftModelForFeatureExtraction

@@ -6,8 +6,8 @@ match a module path in full. For a model type PEFT has no default for, peftc
 adapts every linear op inside the model's attention blocks
 (:func:`attention_blocks`) and warns that it did; PEFT refuses such a config.
 
-Only LoRA needs a table: prompt and prefix tuning have no targets, and peftc
-reads no other PEFT kind that has defaults (IA3, BOFT, VeRA...).
+LoHa, LoKr and VeRA default to LoRA's table (VeRA with one exception,
+:data:`VERA`); IA3's defaults, with their feed-forward modules, live with its reader.
 """
 
 from __future__ import annotations
@@ -68,7 +68,15 @@ LORA: dict[str, tuple[str, ...] | str] = {
 
 def lora_targets(model: nn.Module | None) -> list[str] | str | None:
     """PEFT's default ``target_modules`` for ``model``'s type; None when PEFT has none."""
-    targets = LORA.get(model_type(model))
+    return targets_for("LORA", model)
+
+
+VERA = {**LORA, "phi": _QV}  # PEFT's VeRA defaults: LoRA's, but only q/v on phi
+
+
+def targets_for(peft_type: str, model: nn.Module | None) -> list[str] | str | None:
+    """PEFT's default ``target_modules`` of a LoRA, LoHa, LoKr or VeRA config for ``model``; None when none."""
+    targets = (VERA if peft_type == "VERA" else LORA).get(model_type(model))
     return list(targets) if isinstance(targets, tuple) else targets
 
 

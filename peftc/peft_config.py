@@ -1,16 +1,16 @@
 """PEFT's adapter configs <-> peftc rules, in both directions.
 
-Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``,
-``PrefixTuningConfig``, ``PromptEncoderConfig`` or ``AdaptionPromptConfig`` as a dict (``adapter_config.json``), with PEFT 0.21's
-semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
+Reading (:func:`to_rules`): a ``LoraConfig``, ``IA3Config``, ``LoHaConfig``,
+``LoKrConfig``, ``VeraConfig``, ``PromptTuningConfig``, ``PrefixTuningConfig``,
+``PromptEncoderConfig`` or ``AdaptionPromptConfig`` as a dict (``adapter_config.json``),
+with PEFT 0.21's semantics for ``target_modules`` (names, a regex, ``"all-linear"``, the
 per-model defaults), ``exclude_modules``, ``layers_to_transform``,
 ``rank_pattern``/``alpha_pattern`` and task types; and peftc's native config
 (``peft_type: "PEFTC"``), which holds any adapter kind site by site.
 
 Writing (:func:`adapter_config`): the config dict that rebuilds a compiled
-model's adapter: PEFT's own for LoRA (DoRA: ``use_dora``), IA³, prompt, prefix and P-tuning, and
-AdaptionPrompt; the native one
-for anything PEFT can't hold.
+model's adapter: PEFT's own for LoRA (DoRA: ``use_dora``), IA³, LoHa, LoKr, VeRA,
+prompt, prefix and P-tuning, and AdaptionPrompt; the native one for anything PEFT can't hold.
 
 This is the one room of the house besides each kind's own file that knows
 particular adapter kinds: it translates PEFT's vocabulary into theirs.
@@ -31,10 +31,13 @@ from .adapters.adaption_prompt import AdaptionPrompt
 from .adapters.base import Rule, adapter_from_config
 from .adapters.dora import DoRA
 from .adapters.ia3 import IA3
+from .adapters.loha import LoHa
+from .adapters.lokr import LoKr
 from .adapters.lora import LoRA
 from .adapters.p_tuning import PTuning
 from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt, encoder_decoder
+from .adapters.vera import VeRA
 from .errors import RuleError
 from .match import Selector, attention, check_layers_pattern, compile_regex, where
 from .sites import Site, layer_index
@@ -289,6 +292,26 @@ def _from_ia3(config: dict, model: nn.Module | None) -> Translated:
     return Translated(rules, modules_to_save, "none", task_type)
 
 
+def _from_kind(kind: type, config_name: str):
+    """The reader of a config whose kind takes its options from ``kind.from_peft`` and its
+    targets as LoRA's do (LoHa, LoKr, VeRA): listed, a regex, ``"all-linear"`` or PEFT's default."""
+
+    def read(config: dict, model: nn.Module | None) -> Translated:
+        adapter = kind.from_peft(config)
+        modules_to_save, task_type = _task_options(config)
+        targets = config.get("target_modules")
+        if targets is None:
+            targets = default_targets.targets_for(peft_type(config), model)
+            if targets is None:
+                raise RuleError(f"{config_name} has no target_modules and PEFT has no default for model type "
+                                f"{default_targets.model_type(model)!r}; set target_modules")
+        bias = {"vera_only": "lora_only"}.get(config.get("bias", "none"), config.get("bias", "none"))
+        return Translated([Rule(_target_selector(config, model, targets, modules_to_save), adapter)],
+                          modules_to_save, bias, task_type)
+
+    return read
+
+
 def _default_for(model: nn.Module | None, table: dict, config_name: str, option: str):
     """PEFT's per-model-type default for ``option``, or a RuleError asking for it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -414,6 +437,8 @@ def adapter_config(cm, name: str) -> dict:
         return _ia3_config(cm, name, placements)
     if kinds == {AdaptionPrompt} and (config := _adaption_prompt_config(cm, name, placements)):
         return config
+    if kinds in ({LoHa}, {LoKr}, {VeRA}) and _one_peft_spec(placements):
+        return _kind_config(cm, name, placements)
     return _native_config(cm, name)
 
 
@@ -506,10 +531,7 @@ def _lora_config(cm, name: str) -> dict:
                       f"{max(dropouts)}", stacklevel=3)
     options = cm.adapter_options(name)
     return {
-        "peft_type": "LORA",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, "LORA"),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts, default=0.0),
@@ -531,14 +553,21 @@ def _lora_config(cm, name: str) -> dict:
     }
 
 
+def _header(cm, name: str, peft_type: str) -> dict:
+    """The fields every PEFT config dict written here starts with."""
+    return {
+        "peft_type": peft_type,
+        "task_type": cm.adapter_options(name).get("task_type") or _task_type(cm.base_model),
+        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+    }
+
+
 def _ia3_config(cm, name: str, placements) -> dict:
     """A PEFT ``IA3Config`` dict that rebuilds adapter ``name`` on the same sites."""
     options = cm.adapter_options(name)
     return {
-        "peft_type": "IA3",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, "IA3"),
         "target_modules": sorted(p.key for p in placements),
         "feedforward_modules": sorted(p.key for p in placements if p.adapter.feedforward),
         "exclude_modules": None,
@@ -546,6 +575,40 @@ def _ia3_config(cm, name: str, placements) -> dict:
         "init_ia3_weights": True,
         "modules_to_save": options.get("modules_to_save") or None,
     }
+
+
+def _one_peft_spec(placements) -> bool:
+    """Whether PEFT's config can hold these LoHa, LoKr or VeRA placements: one spec (up to
+    ranks and alphas), and for LoHa and LoKr ``[out, in]`` weights only (PEFT refuses them
+    on GPT-2's Conv1D; VeRA takes it, with ``fan_in_fan_out``)."""
+    specs = {json.dumps(p.adapter.peft_fields(), sort_keys=True) for p in placements}
+    return len(specs) == 1 and all(p.site.layout == "out_in" or isinstance(p.adapter, VeRA) for p in placements)
+
+
+def _kind_config(cm, name: str, placements) -> dict:
+    """A PEFT ``LoHaConfig``, ``LoKrConfig`` or ``VeraConfig`` dict that rebuilds adapter ``name``."""
+    spec, options = placements[0].adapter, cm.adapter_options(name)
+    out = {
+        **_header(cm, name, {LoHa: "LOHA", LoKr: "LOKR", VeRA: "VERA"}[type(spec)]),
+        "target_modules": sorted(p.key for p in placements),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": options.get("modules_to_save") or None,
+        **spec.peft_fields(),
+    }
+    if isinstance(spec, VeRA):
+        del out["exclude_modules"]  # VeraConfig has none
+        bias = options.get("bias", "none")
+        out.update(fan_in_fan_out=any(p.site.layout == "in_out" for p in placements),
+                   bias={"lora_only": "vera_only"}.get(bias, bias))
+        return out
+    ranks = {p.key: p.adapter.rank_and_alpha(p.path) for p in placements}
+    r = Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in ranks.values()).most_common(1)[0][0]
+    out.update(r=r, alpha=alpha, rank_pattern={re.escape(k): v for k, (v, _) in ranks.items() if v != r},
+               alpha_pattern={re.escape(k): v for k, (_, v) in ranks.items() if v != alpha})
+    return out
 
 
 def _adaption_prompt_config(cm, name: str, placements) -> dict | None:
@@ -556,12 +619,8 @@ def _adaption_prompt_config(cm, name: str, placements) -> dict | None:
     named = [path for path, _ in cm.base_model.named_modules() if path.endswith(f".{target}")]
     if len(lengths) != 1 or sorted(p.key for p in placements) != sorted(named[len(named) - len(placements):]):
         return None
-    options = cm.adapter_options(name)
     return {
-        "peft_type": "ADAPTION_PROMPT",
-        "task_type": options.get("task_type") or _task_type(cm.base_model),
-        "base_model_name_or_path": getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
+        **_header(cm, name, "ADAPTION_PROMPT"),
         "target_modules": target,
         "adapter_len": lengths.pop(),
         "adapter_layers": len(placements),
@@ -584,5 +643,7 @@ def _task_type(model) -> str | None:
     return None
 
 
-_READERS = {"LORA": _from_lora, "IA3": _from_ia3, "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix,
-            "P_TUNING": _from_p_tuning, "ADAPTION_PROMPT": _from_adaption_prompt, NATIVE: _from_native}
+_READERS = {"LORA": _from_lora, "IA3": _from_ia3, "LOHA": _from_kind(LoHa, "LoHaConfig"),
+            "LOKR": _from_kind(LoKr, "LoKrConfig"), "VERA": _from_kind(VeRA, "VeraConfig"),
+            "PROMPT_TUNING": _from_prompt, "PREFIX_TUNING": _from_prefix, "P_TUNING": _from_p_tuning,
+            "ADAPTION_PROMPT": _from_adaption_prompt, NATIVE: _from_native}

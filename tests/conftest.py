@@ -266,6 +266,58 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         ), f"{key} changed"
 
 
+def no_grad_logits(model, ids, mask, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def assert_matches_peft(model: nn.Module, pm, cm, capsys, atol: float = 1e-5) -> None:
+    """``cm`` (compiled from ``model``) against PEFT's ``pm`` holding the same adapter tensors:
+    the same logits, an adapter that matters beyond ``atol``, the same
+    ``print_trainable_parameters`` line, merged logits equal to ``merge_and_unload``'s (through
+    the compiled model and the model's own forward), and unmerging restores logits and weights."""
+    original = snapshot(model)
+    ids, mask = padded_batch()
+    want = no_grad_logits(pm, ids, mask)
+    torch.testing.assert_close(no_grad_logits(cm, ids, mask), want, atol=atol, rtol=0)
+    with pm.disable_adapter():
+        base = no_grad_logits(pm, ids, mask)
+    assert (want - base).abs().max() > 10 * atol  # the adapter matters, beyond the tolerance
+
+    cm.print_trainable_parameters()
+    pm.print_trainable_parameters()
+    ours, theirs = capsys.readouterr().out.strip().splitlines()
+    assert ours == theirs
+
+    cm.merge()
+    merged_peft = no_grad_logits(pm.merge_and_unload(), ids, mask)
+    torch.testing.assert_close(no_grad_logits(cm, ids, mask), merged_peft, atol=atol, rtol=0)
+    torch.testing.assert_close(no_grad_logits(model, ids, mask), merged_peft, atol=atol, rtol=0)
+    cm.unmerge()
+    torch.testing.assert_close(no_grad_logits(cm, ids, mask), want, atol=atol, rtol=0)
+    for key, (value, _) in snapshot(model).items():
+        torch.testing.assert_close(value, original[key][0], atol=1e-6, rtol=1e-5)
+
+
+def assert_merges_to_base_graph(rules) -> None:
+    """A Llama compiled with ``rules`` has adapter nodes; merged, its graph is the base graph
+    op for op (that of a merged LoRA on every linear op); unmerged, the adapted graph again."""
+    import peftc
+
+    model = make_llama()
+    ids, mask = padded_batch()
+    lora = peftc.compile(copy.deepcopy(model), [peftc.LoRA(init=False).on(peftc.linear())], backend="eager")
+    lora.merge()
+    cm = peftc.compile(model, rules, backend="eager")
+    adapted = aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask))
+    assert any(op.startswith("get_attr peftc.") for op in adapted)
+    cm.merge()
+    merged = aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask))
+    assert merged == aten_ops(lora.graph_module(input_ids=ids, attention_mask=mask))
+    cm.unmerge()
+    assert aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask)) == adapted
+
+
 # -- graph structure --------------------------------------------------------------------
 
 

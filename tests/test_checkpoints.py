@@ -118,9 +118,9 @@ def test_bad_checkpoints(tmp_path):
 
     unknown = tmp_path / "unknown"
     unknown.mkdir()
-    (unknown / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4}))
+    (unknown / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT", "r": 4}))
     (unknown / "adapter_model.safetensors").write_bytes((llama_dir / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(peftc.PeftcError, match="VERA"):
+    with pytest.raises(peftc.PeftcError, match="BOFT"):
         peftc.from_pretrained(make_llama(), unknown, backend="eager")
 
     pickled = tmp_path / "pickled"

@@ -13,7 +13,13 @@ import json
 import peft
 import pytest
 import torch
-from conftest import BUILDERS, aten_ops, padded_batch, snapshot
+from conftest import (
+    BUILDERS,
+    assert_matches_peft,
+    assert_merges_to_base_graph,
+    padded_batch,
+    snapshot,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import IA3Config
@@ -74,48 +80,16 @@ CASES = [
 def test_parity_with_peft(arch, kwargs, capsys):
     kwargs = {"task_type": "CAUSAL_LM", **kwargs}
     model, pm, cm = build_pair(arch, IA3Config(**kwargs))
-    original = snapshot(model)
     layers = {n.removeprefix(PREFIX): m for n, m in pm.named_modules() if isinstance(m, IA3Layer)}
     assert {p.path: p.adapter.feedforward for p in cm.sites} == {k: m.is_feedforward for k, m in layers.items()}
     assert {p.path for p in cm.sites if p.adapter.feedforward}  # every case has both kinds of site
     assert {p.path for p in cm.sites if not p.adapter.feedforward}
 
-    ids, mask = padded_batch()
-    want = logits(pm, ids, mask)
-    torch.testing.assert_close(logits(cm, ids, mask), want, atol=ATOL, rtol=0)
-    with pm.disable_adapter():
-        base = logits(pm, ids, mask)
-    assert (want - base).abs().max() > 10 * ATOL  # the vectors matter, beyond the tolerance
-
-    cm.print_trainable_parameters()
-    pm.print_trainable_parameters()
-    ours, theirs = capsys.readouterr().out.strip().splitlines()
-    assert ours == theirs
-
-    # merged: PEFT's merge_and_unload, and the base graph op for op
-    cm.merge()
-    merged_peft = pm.merge_and_unload()
-    torch.testing.assert_close(logits(cm, ids, mask), logits(merged_peft, ids, mask), atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits(model, ids, mask), logits(merged_peft, ids, mask), atol=ATOL, rtol=0)
-    cm.unmerge()
-    torch.testing.assert_close(logits(cm, ids, mask), want, atol=ATOL, rtol=0)
-    for key, (value, _) in snapshot(model).items():
-        torch.testing.assert_close(value, original[key][0], atol=1e-6, rtol=1e-5)
+    assert_matches_peft(model, pm, cm, capsys)
 
 
 def test_merged_graph_is_the_base_graph():
-    model = BUILDERS["llama"]()
-    ids, mask = padded_batch()
-    lora = peftc.compile(copy.deepcopy(model), [peftc.LoRA(init=False).on(peftc.linear())], backend="eager")
-    lora.merge()
-    cm = peftc.compile(model, IA3Config(task_type="CAUSAL_LM"), backend="eager")
-    adapted = aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask))
-    assert any(op.startswith("get_attr peftc.") for op in adapted)
-    cm.merge()
-    merged = aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask))
-    assert merged == aten_ops(lora.graph_module(input_ids=ids, attention_mask=mask))
-    cm.unmerge()
-    assert aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask)) == adapted
+    assert_merges_to_base_graph(IA3Config(task_type="CAUSAL_LM"))
 
 
 NO_DROPOUT = {"llama": {}, "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}

@@ -27,6 +27,8 @@ A :class:`Rule` (``adapter.on(selector)``) pairs a spec with a selector.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from ..match import Selector
+from ..match import Selector, compile_regex
 
 if TYPE_CHECKING:
     from ..sites import Site
@@ -207,6 +209,38 @@ def check_positions(model: nn.Module, n: int, kind: str) -> None:
             f"{kind}(num_virtual_tokens={n}) leaves no room for real tokens: the model has "
             f"{limit} positions. Use fewer virtual tokens"
         )
+
+
+PATTERN = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys to a module path
+
+
+def check_rank_alpha(label: str, r, alpha, rank_pattern: dict, alpha_pattern: dict) -> None:
+    """Low-rank kinds (LoRA, LoHa, LoKr): positive integer ranks, finite positive alphas,
+    and pattern keys that compile as PEFT will match them.
+
+    Raises:
+        RuleError: naming the bad value and what to use instead.
+    """
+    for value in [r, *rank_pattern.values()]:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RuleError(f"{label} rank r={value!r} must be a positive integer (try r=8)")
+    for value in [alpha, *alpha_pattern.values()]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0
+        ):
+            raise RuleError(f"{label} alpha={value!r} must be a finite number > 0 (try alpha=2*r)")
+    for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in patterns:
+            compile_regex(key, f"{what} key", PATTERN)
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """The value of the first key of ``patterns`` matching ``path`` as PEFT matches
+    ``rank_pattern`` keys (``(.*\.)?(key)$``), or ``default``."""
+    for key, value in patterns.items():
+        if re.match(PATTERN.replace("{}", key), path):
+            return value
+    return default
 
 
 def widen(t: torch.Tensor) -> torch.Tensor:

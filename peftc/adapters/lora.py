@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from ..match import compile_regex
 from ..storage import is_packed, read_as
-from .base import Adapter, widen
+from .base import Adapter, check_rank_alpha, pattern_value, widen
 
 aten = torch.ops.aten
 EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
@@ -114,24 +113,14 @@ class LoRA(Adapter):
         self.init, self.use_rslora = init, use_rslora
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = dict(alpha_pattern or {})
-        for value in [r, *self.rank_pattern.values()]:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise RuleError(f"LoRA rank r={value!r} must be a positive integer (try r=8)")
-        for value in [alpha, *self.alpha_pattern.values()]:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
-            ):
-                raise RuleError(f"LoRA alpha={value!r} must be a finite number > 0 (try alpha=2*r)")
+        check_rank_alpha("LoRA", r, alpha, self.rank_pattern, self.alpha_pattern)
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise RuleError(f"LoRA dropout={dropout!r} must be in [0, 1)")
         if init not in _INITS and not (isinstance(init, str) and _NITER.fullmatch(init)):
             raise RuleError(f"LoRA init={init!r} must be one of {_INITS} or 'pissa_niter_<K>'")
-        for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for key in patterns:
-                compile_regex(key, f"{what} key", _PATTERN)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(
+        return pattern_value(self.rank_pattern, path, self.r), pattern_value(
             self.alpha_pattern, path, self.alpha
         )
 
@@ -319,12 +308,3 @@ def _combine(how: str, group: list, new_rank: int):
             a = torch.cat([a, a.new_zeros(new_rank - a.shape[0], a.shape[1])], 0)
     return a, b
 
-
-_PATTERN = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys to a module path
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    for key, value in patterns.items():
-        if re.match(_PATTERN.replace("{}", key), path):
-            return value
-    return default
