@@ -170,7 +170,7 @@ class Programs:
             found = discover(gm, self._model, prefix, state.selectors)
             for name in state.names:
                 swap_params(gm, state.saved(name), name, prefix)
-            insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
+            insert_adapters(gm, state.graph_placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
         quantize_reads(gm, prefix)  # last: adapters find the float linear a packed weight stands for
         program.fn = self._lower(program)
