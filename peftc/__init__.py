@@ -24,6 +24,7 @@ from .api import get_peft_model as get_peft_model
 from .api import hotswap_adapter as hotswap_adapter
 from .compiled import CompiledModel as CompiledModel
 from .compiled import PeftModel as PeftModel
+from .errors import CapacityError as CapacityError
 from .errors import MergeError as MergeError
 from .errors import PeftcError as PeftcError
 from .errors import QuantizationError as QuantizationError

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .errors import MergeError, PeftcError, RuleError
+from .errors import CapacityError, MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
 from .generation import generate
@@ -244,7 +244,8 @@ class CompiledModel(PeftSurface, nn.Module):
         Raises:
             PeftcError: a missing or corrupt file, or an adapter for another model (naming the
                 keys and shapes that don't fit). The model is left as it was.
-            RuleError: (hotswap) an adapter that doesn't fit, naming the capacity the graphs hold.
+            CapacityError: an adapter that doesn't fit what the graphs hold (reserved slots and
+                rank, or the hot-swapped adapter), naming that capacity. Nothing changes.
         """
         config, tensors = peft_format.read_checkpoint(adapter_dir)
         if hotswap:
@@ -252,8 +253,7 @@ class CompiledModel(PeftSurface, nn.Module):
             return
         if adapter_name in self.adapters:
             peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir))  # all or nothing
-            self.state.records[adapter_name].trainable = is_trainable
-            self.state.update_trainability()
+            self._set_trainable(adapter_name, is_trainable)
             return
         model = self.base_model
         rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
@@ -282,8 +282,14 @@ class CompiledModel(PeftSurface, nn.Module):
         fresh = self.state.fresh(name, matched, what=f"can't hot-swap {source} into adapter {name!r}")
         peft_format.load_tensors(self, name, tensors, source, fresh)  # all or nothing, before any write
         self.state.install(name, fresh, options)
+        self._set_trainable(name, trainable)
+
+    def _set_trainable(self, name: str, trainable: bool) -> None:
+        """Whether adapter ``name`` trains when active; the ``requires_grad`` flags follow now in training
+        mode, at the next ``train()`` in eval mode (compiled graphs guard on them: serving must not recompile)."""
         self.state.records[name].trainable = trainable
-        self.state.update_trainability()
+        if self.training:
+            self.state.update_trainability()
 
     def _adapters_changed(self) -> None:
         """An adapter was added or deleted: graphs gain or lose its nodes, unless they hold reserved slots."""
@@ -539,7 +545,7 @@ def _fitting(model: nn.Module, adapter_dir):
     except BaseException as e:
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, p.requires_grad))
-        if isinstance(e, RuleError):
+        if isinstance(e, RuleError) and not isinstance(e, CapacityError):  # capacity errors say what to do
             raise PeftcError(f"the adapter in {adapter_dir} doesn't fit {type(model).__name__}: {e}") from e
         raise
 

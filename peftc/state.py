@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter
-from .errors import RuleError
+from .errors import CapacityError, RuleError
 from .sites import Site
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
@@ -236,11 +236,11 @@ class AdapterState:
     def _register_in_slot(self, name, matched, selectors, saved_paths, options, trainable) -> None:
         free = [i for i, slot in enumerate(self._slots) if not any(r.room is slot for r in self.records.values())]
         if not free:
-            raise RuleError(f"can't add adapter {name!r}: all {self.reserve.slots} adapter slots of {self.reserve} "
+            raise CapacityError(f"can't add adapter {name!r}: all {self.reserve.slots} adapter slots of {self.reserve} "
                             f"are taken ({', '.join(self.names)}). delete_adapter one, or compile with "
                             f"peftc.Reserve(max_rank={self.reserve.max_rank}, slots={self.reserve.slots + 1})")
         if saved_paths:
-            raise RuleError(f"can't add adapter {name!r} into a slot of {self.reserve}: modules_to_save "
+            raise CapacityError(f"can't add adapter {name!r} into a slot of {self.reserve}: modules_to_save "
                             f"({saved_paths}) change the graph. Compile without reserve to use them")
         room = self._slots[free[0]]
         placements = self.fresh(name, matched, room, f"can't add adapter {name!r}")
@@ -287,7 +287,7 @@ class AdapterState:
         default adapter ``name``'s); :meth:`install` writes them in. Nothing changes here.
 
         Raises:
-            RuleError: a site the room doesn't hold, or an adapter that doesn't fit it (a larger
+            CapacityError: a site the room doesn't hold, or an adapter that doesn't fit it (a larger
                 rank, another dropout or kind), naming the capacity the graphs were built with.
         """
         room = self.records[name].room if room is None else room
@@ -299,23 +299,23 @@ class AdapterState:
         outside = [site.path for site, _ in matched if site.weight_path not in by_path]
         if outside:
             held = sorted(p.site.path for p in room)
-            raise RuleError(f"{what}: it targets {outside[:8]}, where the slot has no room; it holds "
+            raise CapacityError(f"{what}: it targets {outside[:8]}, where the slot has no room; it holds "
                             f"{len(held)} sites ({', '.join(held[:8])}{' ...' if len(held) > 8 else ''}); "
                             f"{capacity}")
         targeted = {site.weight_path for site, _ in matched}
         uncleared = sorted(p.site.path for p in room if p.site.weight_path not in targeted and not p.adapter.clearable)
         if uncleared:
-            raise RuleError(f"{what}: it leaves out {uncleared[:8]}, and a {type(room[0].adapter).__name__} "
+            raise CapacityError(f"{what}: it leaves out {uncleared[:8]}, and a {type(room[0].adapter).__name__} "
                             f"there can't be emptied; target the same sites")
         placements = []
         for adapter, site, _, state in self._init(matched):
             if adapter.rewrites_inputs:
-                raise RuleError(f"{what}: {type(adapter).__name__} adapters rewrite the model's inputs; "
+                raise CapacityError(f"{what}: {type(adapter).__name__} adapters rewrite the model's inputs; "
                                 "load them under a new name instead")
             home = by_path[site.weight_path]
             why = adapter.misfit(site, home.adapter, home.state)
             if why is not None:
-                raise RuleError(f"{what}: {why}; {capacity}")
+                raise CapacityError(f"{what}: {why}; {capacity}")
             placements.append(Placement(site, adapter, name, state, home.key, home.home))
         return placements
 
