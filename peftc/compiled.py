@@ -48,7 +48,8 @@ class CompiledModel(PeftSurface, nn.Module):
 
     Attributes:
         base_model: the user's model; its parameters are the graph's, never copied.
-        peftc: every adapter's state: ``peftc.adapters.<name>.<key>.<param>``,
+        peftc: every adapter's state: ``peftc.adapters.<name>.<key>.<param>`` (``<slot>``
+            instead of ``<name>`` with a :class:`~peftc.Reserve`),
             ``peftc.saved.<name>.<module path>.<param>`` (``modules_to_save`` copies)
             and ``peftc.gates.<name>`` (whether the adapter is active).
         state: the adapter registry (:class:`~peftc.state.AdapterState`).
