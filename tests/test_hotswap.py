@@ -77,6 +77,36 @@ def test_add_load_hotswap_switch_delete_compile_nothing(dirs):
     torch.testing.assert_close(both, logits(pm, ids, mask), atol=ATOL, rtol=0)
 
 
+def test_training_while_adding_loading_and_hotswapping_compiles_nothing(dirs):
+    """In training mode too: adapters added or loaded inactive, and a hot-swap into the adapter
+    that trains, change no graph and no requires_grad flag."""
+    counter = CompileCounter()
+    cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=3),
+                               is_trainable=True, backend=counter).train()
+    ids, mask = padded_batch(3, 7)
+
+    def step():
+        cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        return {p.site.weight_path: p.state.lora_B.grad.clone() for p in cm.sites if p.adapter_name == "default"}
+
+    step()
+    frames = counter.frame_count
+    cm.add_adapter("b", [peftc.LoRA(r=2).on(peftc.linear(QV))])
+    cm.load_adapter(dirs["c"], "c")
+    cm.zero_grad()
+    step()
+    peftc.hotswap_adapter(cm, dirs["b"], "default", is_trainable=True)
+    cm.zero_grad()
+    grads = step()
+    assert counter.frame_count == frames, "adding, loading or hot-swapping while training compiled again"
+    pm = peft_model(dirs["b"], is_trainable=True).train()
+    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    theirs = dict(pm.named_parameters())
+    for weight_path, grad in grads.items():
+        key = f"base_model.model.{weight_path.removesuffix('.weight')}.lora_B.default.weight"
+        torch.testing.assert_close(grad, theirs[key].grad, atol=ATOL, rtol=1e-4)
+
+
 def test_training_a_padded_slot_is_exact(dirs, tmp_path):
     """Rank 4 in a slot of rank 8: the same loss and gradients as PEFT, zero gradients in the padding,
     which stays zero through AdamW, and the same saved file (rank 4) as PEFT's after the same step."""
