@@ -193,7 +193,9 @@ class AdapterState:
     def reserve_slots(self, reserve: Reserve, matched: list[tuple[Site, Adapter]], selectors: list) -> None:
         """Make room for ``reserve.slots`` adapters of rank up to ``reserve.max_rank`` on the sites of
         ``matched`` (the first adapter's), each slot zeroed. Call once, before the first :meth:`register`."""
-        specs = [(site, adapter.reserved(reserve.max_rank)) for site, adapter in matched]
+        reserved: dict[int, Adapter] = {}  # one slot spec per spec: sites that share a spec still do
+        specs = [(site, reserved.setdefault(id(adapter), adapter.reserved(reserve.max_rank)))
+                 for site, adapter in matched]
         for i in range(reserve.slots):
             home = f"slot{i}"
             slot = [Placement(site, spec, home, state, key) for spec, site, key, state in self._init(specs)]
