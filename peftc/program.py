@@ -9,7 +9,10 @@ function, whenever the adapters or the merge state change.
 
 Which adapters are active lives in gate tensors, not in the graph, so
 switching adapters neither retraces nor recompiles. Only prompt and prefix
-adapters, which change sequence lengths, select a program of their own.
+adapters, which change sequence lengths, select a program of their own. The
+graphs hold the state's :attr:`~peftc.state.AdapterState.graph_placements`:
+with a :class:`~peftc.state.Reserve`, every reserved slot, so that adapters
+written into slots later change no graph.
 """
 
 from __future__ import annotations
