@@ -28,8 +28,10 @@ from .api import AutoPeftModelForTokenClassification as AutoPeftModelForTokenCla
 from .api import compile as compile
 from .api import from_pretrained as from_pretrained
 from .api import get_peft_model as get_peft_model
+from .api import hotswap_adapter as hotswap_adapter
 from .compiled import CompiledModel as CompiledModel
 from .compiled import PeftModel as PeftModel
+from .errors import CapacityError as CapacityError
 from .errors import MergeError as MergeError
 from .errors import PeftcError as PeftcError
 from .errors import QuantizationError as QuantizationError
@@ -53,6 +55,7 @@ from .rules import RuleSet as RuleSet
 from .rules import load_rules as load_rules
 from .sites import Site as Site
 from .state import Placement as Placement
+from .state import Reserve as Reserve
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ from torch import nn
 from .compiled import CompiledModel
 from .errors import PeftcError
 from .formats.peft import CONFIG_NAME, read_checkpoint
+from .state import Reserve
 
 
 def compile(
@@ -28,6 +29,7 @@ def compile(
     adapter_name: str = "default",
     modules_to_save: list[str] | None = None,
     quantize=None,
+    reserve: Reserve | None = None,
 ) -> CompiledModel:
     """Put adapters on ``model`` where ``rules`` say, and lower the result.
 
@@ -47,6 +49,10 @@ def compile(
             The model's ``nn.Linear`` modules become bitsandbytes ``Linear4bit`` in place,
             one at a time, after every check has passed. A model already quantized by
             transformers (4-bit) needs no ``quantize``.
+        reserve: room for adapters to come (:class:`peftc.Reserve`: a maximum LoRA rank and a
+            number of adapter slots), so that adding, loading, hot-swapping, switching and
+            deleting LoRA adapters later compile nothing again (PEFT's
+            ``prepare_model_for_compiled_hotswap``). The first adapter's sites are the room.
 
     Returns:
         A :class:`~peftc.CompiledModel`.
@@ -58,7 +64,7 @@ def compile(
         Nothing about ``model`` changes when an error is raised.
     """
     return CompiledModel(model, rules, example_inputs, backend=backend, adapter_name=adapter_name,
-                         modules_to_save=modules_to_save, quantize=quantize)
+                         modules_to_save=modules_to_save, quantize=quantize, reserve=reserve)
 
 
 def from_pretrained(
@@ -93,6 +99,15 @@ def from_pretrained(
     """
     return CompiledModel.from_pretrained(model, adapter_dir, example_inputs, is_trainable, adapter_name, rules,
                                          **compile_kwargs)
+
+
+def hotswap_adapter(cm: CompiledModel, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                    is_trainable: bool = False) -> None:
+    """PEFT's ``hotswap_adapter``: replace adapter ``adapter_name``'s weights and scaling by a saved
+    adapter's, in place, compiling nothing again. ``cm.load_adapter(adapter_dir, adapter_name,
+    hotswap=True)``; see there for what fits.
+    """
+    cm.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable, hotswap=True)
 
 
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **compile_options) -> CompiledModel:

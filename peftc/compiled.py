@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .errors import MergeError, PeftcError, RuleError
+from .errors import CapacityError, MergeError, PeftcError, RuleError
 from .formats import export as export_format
 from .formats import peft as peft_format
 from .generation import generate
@@ -36,7 +36,7 @@ from .quantization import dequantize_modules, plan, quantize_modules, quantize_s
 from .rules import checkpoint_rules, load_rules, match_rules
 from .signature import as_keywords, needs_boundary, showing_signature_of
 from .sites import find_sites
-from .state import BASE, AdapterState, Placement, train_biases
+from .state import BASE, AdapterState, Placement, Reserve, train_biases
 from .trace import call_inputs, signature, trace, with_defaults
 
 
@@ -48,7 +48,8 @@ class CompiledModel(PeftSurface, nn.Module):
 
     Attributes:
         base_model: the user's model; its parameters are the graph's, never copied.
-        peftc: every adapter's state: ``peftc.adapters.<name>.<key>.<param>``,
+        peftc: every adapter's state: ``peftc.adapters.<name>.<key>.<param>`` (``<slot>``
+            instead of ``<name>`` with a :class:`~peftc.Reserve`),
             ``peftc.saved.<name>.<module path>.<param>`` (``modules_to_save`` copies)
             and ``peftc.gates.<name>`` (whether the adapter is active).
         state: the adapter registry (:class:`~peftc.state.AdapterState`).
@@ -58,7 +59,7 @@ class CompiledModel(PeftSurface, nn.Module):
 
     def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
                  adapter_name: str = "default", modules_to_save: list[str] | None = None,
-                 trainable: bool = True, quantize=None, _then=None):
+                 trainable: bool = True, quantize=None, reserve: Reserve | None = None, _then=None):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
@@ -82,7 +83,7 @@ class CompiledModel(PeftSurface, nn.Module):
         self.peftc = self.state.root
         self.programs = Programs(model, self.state, backend, first)
         self._folded: Folded | None = None
-        self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True,
+        self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True, reserve=reserve,
                   then=None if _then is None else lambda: _then(self))
         self.set_adapter(adapter_name)
         self.state.update_trainability()
@@ -214,7 +215,8 @@ class CompiledModel(PeftSurface, nn.Module):
         """Add adapter ``name`` from ``rules`` (any form :func:`peftc.load_rules` takes), inactive.
 
         Call :meth:`set_adapter` to use it. Graphs already built gain its
-        (gated-off) nodes, which compiles them again once. A saved adapter's
+        (gated-off) nodes, which compiles them again once; with capacity reserved
+        (:class:`peftc.Reserve`) it goes into a free slot and nothing compiles. A saved adapter's
         folder (config and weights) is loaded, weights included, and trains
         (:meth:`load_adapter` with ``is_trainable=True``).
         """
@@ -225,41 +227,83 @@ class CompiledModel(PeftSurface, nn.Module):
             self.load_adapter(rules, name, is_trainable=True)
             return
         self._add(name, rules, modules_to_save)
-        self.programs.rebuild(self._folded)
+        self._adapters_changed()
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     rules=None) -> None:
+                     rules=None, hotswap: bool = False) -> None:
         """Add a saved adapter (PEFT's or peftc's format), weights and all, inactive (PEFT's ``load_adapter``).
         Given the name of an existing adapter, load the saved weights into it instead.
 
         Arguments:
             is_trainable: whether it trains when active; by default it is frozen.
             rules: only for adapters on pattern-matched sites (see :func:`peftc.from_pretrained`).
+            hotswap: replace existing adapter ``adapter_name`` by the saved one, whatever its rank,
+                scaling and sites, in place: nothing is traced or compiled again (PEFT's
+                ``hotswap_adapter``). It must fit what the graphs hold for that adapter: LoRA of the
+                same dropout on some of its sites (the sites it leaves out act as none), of a rank
+                no larger. Compile with ``reserve=peftc.Reserve(max_rank=...)`` for larger ranks.
 
         Raises:
             PeftcError: a missing or corrupt file, or an adapter for another model (naming the
                 keys and shapes that don't fit). The model is left as it was.
+            CapacityError: an adapter that doesn't fit what the graphs hold (reserved slots and
+                rank, or the hot-swapped adapter), naming that capacity. Nothing changes.
         """
         config, tensors = peft_format.read_checkpoint(adapter_dir)
+        if hotswap:
+            self._hotswap(adapter_name, config, tensors, str(adapter_dir), is_trainable, rules)
+            return
         if adapter_name in self.adapters:
             peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir))  # all or nothing
-            self.state.records[adapter_name].trainable = is_trainable
-            self.state.update_trainability()
+            self._set_trainable(adapter_name, is_trainable)
             return
         model = self.base_model
         rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, str(adapter_dir))
         with _fitting(model, adapter_dir):
             self._add(adapter_name, rules, None, is_trainable,
                       then=lambda: peft_format.load_tensors(self, adapter_name, tensors, str(adapter_dir)))
-        self.programs.rebuild(self._folded)
+        self._adapters_changed()
+
+    def _hotswap(self, name: str, config: dict, tensors: dict, source: str, trainable: bool, rules) -> None:
+        """``load_adapter(..., hotswap=True)``: check, load into fresh states, then write them in place."""
+        if name not in self.adapters:
+            raise PeftcError(f"hotswap replaces an existing adapter, and there is none named {name!r} "
+                             f"(adapters: {self.adapters}); load_adapter without hotswap adds one")
+        if self.merged and name in self._folded.names:
+            raise MergeError(f"adapter {name!r} is merged into the weights; unmerge() before hot-swapping it")
+        model = self.base_model
+        rules = load_rules(rules, model) if rules is not None else checkpoint_rules(config, model, source)
+        matched, _, saved, options = match_rules(model, rules, self.programs.catalog(), None)
+        if saved or options["bias"] != "none":
+            raise RuleError(f"can't hot-swap {source}: its modules_to_save or bias={options['bias']!r} change "
+                            "the graph; load it under a new name instead")
+        fresh = self.state.fresh(name, matched, what=f"can't hot-swap {source} into adapter {name!r}")
+        peft_format.load_tensors(self, name, tensors, source, fresh)  # all or nothing, before any write
+        self.state.install(name, fresh, options)
+        self._set_trainable(name, trainable)
+
+    def _set_trainable(self, name: str, trainable: bool) -> None:
+        """Whether adapter ``name`` trains when active; the ``requires_grad`` flags follow now in training
+        mode, at the next ``train()`` in eval mode (compiled graphs guard on them: serving must not recompile)."""
+        self.state.records[name].trainable = trainable
+        if self.training:
+            self.state.update_trainability()
+
+    def _adapters_changed(self) -> None:
+        """An adapter was added or deleted: graphs gain or lose its nodes, unless they hold reserved slots."""
+        if self.state.reserve is None:
+            self.programs.rebuild(self._folded)
 
     def _add(self, name: str, rules, modules_to_save, trainable: bool = True, freeze_base: bool = False,
-             then=None) -> None:
-        """Match ``rules``, register the adapter, take its initial delta out of the base weights
-        if its kind ``changes_base`` (PiSSA, OLoRA) and call ``then()`` (loading its weights).
-        If anything raises, the adapter is gone and the weights are as they were."""
+             reserve: Reserve | None = None, then=None) -> None:
+        """Match ``rules`` and register the adapter (reserving room after its kind first, if asked),
+        take its initial delta out of the base weights if its kind ``changes_base`` (PiSSA, OLoRA)
+        and call ``then()`` (loading its weights). If anything raises, the adapter is gone and the
+        weights are as they were."""
         matched, selectors, saved, options = match_rules(self.base_model, rules, self.programs.catalog(),
                                                          modules_to_save)
+        if reserve is not None:
+            self.state.reserve_slots(reserve, matched, selectors)
         self.state.register(name, matched, selectors, saved, options, trainable)
         try:
             placements = self.state.records[name].placements
@@ -304,7 +348,7 @@ class CompiledModel(PeftSurface, nn.Module):
             self.state.active = [self.adapters[0]]
             warnings.warn(f"deleted the active adapter {name!r}; {self.adapters[0]!r} is active now", stacklevel=2)
         self._write_gates()
-        self.programs.rebuild(self._folded)
+        self._adapters_changed()
 
     @contextmanager
     def disable_adapter(self):
@@ -361,7 +405,7 @@ class CompiledModel(PeftSurface, nn.Module):
             raise RuleError("adapter_names works with adapters that act per row (LoRA, BitFit, custom kinds); "
                             "prompt, prefix and modules_to_save adapters change the whole batch")
         gates = self.state.root.gates
-        rows = {name: torch.tensor([n == name for n in names], device=getattr(gates, name).device)
+        rows = {name: torch.tensor([n == name for n in names], device=getattr(gates, self.state.home(name)).device)
                 for name in self.adapters}
         self.state.write_gates(True, rows)
         try:
@@ -400,9 +444,9 @@ class CompiledModel(PeftSurface, nn.Module):
         new = {p.site.weight_path: p.state for p in self.state.placements if p.adapter_name == adapter_name}
         with torch.no_grad():
             for key, tensors in values.items():
-                for pname, value in tensors.items():
-                    new[key].get_parameter(pname).copy_(value)
-        self.programs.rebuild(self._folded)
+                for pname, value in tensors.items():  # the leading block: a reserved slot pads with zeros
+                    new[key].get_parameter(pname)[tuple(map(slice, value.shape))].copy_(value)
+        self._adapters_changed()
 
     def _write_gates(self) -> None:
         """Gates follow the active adapters (all off while merged: the weights hold them)."""
@@ -521,7 +565,7 @@ def _fitting(model: nn.Module, adapter_dir):
     except BaseException as e:
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, p.requires_grad))
-        if isinstance(e, RuleError):
+        if isinstance(e, RuleError) and not isinstance(e, CapacityError):  # capacity errors say what to do
             raise PeftcError(f"the adapter in {adapter_dir} doesn't fit {type(model).__name__}: {e}") from e
         raise
 

@@ -9,6 +9,11 @@ class RuleError(PeftcError, ValueError):
     """A rule or adapter spec is invalid, matches nothing, or conflicts with another."""
 
 
+class CapacityError(RuleError):
+    """An adapter doesn't fit what the compiled graphs hold for it: the slots and rank of a
+    :class:`peftc.Reserve`, or the adapter a hot-swap replaces."""
+
+
 class TraceError(PeftcError, RuntimeError):
     """The model could not be traced with the given inputs."""
 

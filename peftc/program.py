@@ -9,7 +9,10 @@ function, whenever the adapters or the merge state change.
 
 Which adapters are active lives in gate tensors, not in the graph, so
 switching adapters neither retraces nor recompiles. Only prompt and prefix
-adapters, which change sequence lengths, select a program of their own.
+adapters, which change sequence lengths, select a program of their own. The
+graphs hold the state's :attr:`~peftc.state.AdapterState.graph_placements`:
+with a :class:`~peftc.state.Reserve`, every reserved slot, so that adapters
+written into slots later change no graph.
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ class Programs:
             found = discover(gm, self._model, prefix, state.selectors)
             for name in state.names:
                 swap_params(gm, state.saved(name), name, prefix)
-            insert_adapters(gm, state.placements, {s.weight_path: s for s in found},
+            insert_adapters(gm, state.graph_placements, {s.weight_path: s for s in found},
                             training=program.trace.training)
         quantize_reads(gm, prefix, program.trace.training)  # last: adapters find the float linear a packed weight stands for
         program.fn = self._lower(program)

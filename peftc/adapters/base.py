@@ -153,6 +153,38 @@ class Adapter:
         """
         return {prefix + name: p for name, p in state.named_parameters()}
 
+    def reserved(self, max_rank: int) -> Adapter:
+        """The spec of a reserved slot on this adapter's sites (:class:`peftc.Reserve`): its
+        nodes are in the graph from the first compile, and any adapter that fits it
+        (:meth:`misfit`) is later written into it without recompiling. A kind whose state has
+        no rank to pad can't be reserved (the default)."""
+        raise RuleError(f"{type(self).__name__} adapters can't be reserved: peftc.Reserve holds LoRA adapters")
+
+    def misfit(self, site: Site, room: Adapter, state: nn.Module) -> str | None:
+        """Why this adapter can't be written into ``state``, the state of spec ``room`` at
+        ``site`` (a reserved slot, or the adapter it hot-swaps); None when it can.
+        The default: the same kind and configuration, so every state shape is equal."""
+        if type(room) is not type(self) or room.config() != self.config():
+            return f"{self!r} differs from {room!r}, which the graph was built for"
+        return None
+
+    def fill(self, site: Site, room: nn.Module, state: nn.Module) -> None:
+        """Write ``state`` (this adapter's own, as :meth:`init_state` made it) into ``room``,
+        a state :meth:`misfit` accepted. The default copies every tensor as it is."""
+        with torch.no_grad():
+            for name, value in (*state.named_parameters(), *state.named_buffers()):
+                _tensor(room, name).copy_(value)
+
+    def clear(self, state: nn.Module) -> None:
+        """Make ``state`` act as no adapter, in place: an empty reserved slot, or a site a
+        hot-swapped adapter leaves out. A kind that defines no such state can't (the default)."""
+        raise NotImplementedError
+
+    @property
+    def clearable(self) -> bool:
+        """Whether this kind defines :meth:`clear`."""
+        return type(self).clear is not Adapter.clear
+
     def config(self) -> dict[str, Any]:
         """The spec as plain data: ``{"kind": ..., **arguments}``."""
         raise NotImplementedError
@@ -192,6 +224,11 @@ class Rule:
 
 NO_ATTENTION_HINT = ("the model has no scaled_dot_product_attention op peftc can see. "
                      "For attention, load the model with attn_implementation='sdpa'")
+
+
+def _tensor(module: nn.Module, dotted: str) -> torch.Tensor:
+    path, _, name = dotted.rpartition(".")
+    return getattr(module.get_submodule(path), name)
 
 
 def check_virtual_tokens(n) -> None:

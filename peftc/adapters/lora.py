@@ -53,32 +53,66 @@ _NITER = re.compile(r"pissa_niter_(\d+)")
 _COMBINATIONS = ("linear", "cat", "svd")
 
 
-class LoRAState(nn.Module):
+class _LowRank(nn.Module):
+    """A low-rank pair ``A [capacity, ...]``, ``B [..., capacity]`` holding rank ``r`` in its
+    leading rows of A and columns of B; the rest is zero (a reserved slot: :class:`peftc.Reserve`)."""
+
+    _a: str
+    _b: str
+
+    def __init__(self, r: int, a_cols: int, b_rows: int, scaling: float, dtype):
+        super().__init__()
+        setattr(self, self._a, nn.Parameter(torch.empty(r, a_cols, dtype=dtype)))
+        setattr(self, self._b, nn.Parameter(torch.empty(b_rows, r, dtype=dtype)))
+        self.register_buffer("scaling", torch.tensor(scaling, dtype=dtype))
+        self.r = r  # the adapter's rank: what it saves, merges and combines
+
+    @property
+    def capacity(self) -> int:
+        """The rank the tensors have room for (the graph's); ``r`` or more."""
+        return getattr(self, self._a).shape[0]
+
+    def write(self, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> None:
+        """Hold the pair ``(a, b)`` of rank ``a.shape[0]``, zero-padded to the capacity, in place."""
+        room_a, room_b = getattr(self, self._a), getattr(self, self._b)
+        with torch.no_grad():
+            room_a.zero_()
+            room_b.zero_()
+            room_a[: a.shape[0]].copy_(a)
+            room_b[:, : b.shape[1]].copy_(b)
+            self.scaling.copy_(scaling)
+        self.r = a.shape[0]
+
+    def clear(self) -> None:
+        """Rank 0: every value zero, the scaling too."""
+        a, b = getattr(self, self._a), getattr(self, self._b)
+        self.write(a[:0], b[:, :0], torch.zeros_like(self.scaling))
+
+    def real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` at the adapter's rank: the tensors themselves unless padded, else views."""
+        a, b = getattr(self, self._a), getattr(self, self._b)
+        if self.r == self.capacity:
+            return a, b
+        with torch.no_grad():  # views a load may write through (a slice of a trainable tensor is no leaf)
+            return a[: self.r], b[:, : self.r]
+
+
+class LoRAState(_LowRank):
     """The low-rank pair at one site, with its scaling as a buffer."""
 
+    _a, _b = "lora_A", "lora_B"
+
     def __init__(self, r: int, in_features: int, out_features: int, scaling: float, dtype):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
-        self.register_buffer("scaling", torch.tensor(scaling, dtype=dtype))
-
-    @property
-    def r(self) -> int:
-        return self.lora_A.shape[0]
+        super().__init__(r, in_features, out_features, scaling, dtype)
 
 
-class LoRAEmbeddingState(nn.Module):
+class LoRAEmbeddingState(_LowRank):
     """The low-rank pair at one embedding lookup, with PEFT's names and layouts."""
 
-    def __init__(self, r: int, rows: int, width: int, scaling: float, dtype):
-        super().__init__()
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, rows, dtype=dtype))
-        self.lora_embedding_B = nn.Parameter(torch.empty(width, r, dtype=dtype))
-        self.register_buffer("scaling", torch.tensor(scaling, dtype=dtype))
+    _a, _b = "lora_embedding_A", "lora_embedding_B"
 
-    @property
-    def r(self) -> int:
-        return self.lora_embedding_A.shape[0]
+    def __init__(self, r: int, rows: int, width: int, scaling: float, dtype):
+        super().__init__(r, rows, width, scaling, dtype)
 
 
 class LoRA(Adapter):
@@ -228,17 +262,40 @@ class LoRA(Adapter):
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
     def merge_delta(self, site, state, weights):
+        a, b = state.real()
+        delta = widen(state.scaling) * (widen(b) @ widen(a))
         if site.kind == EMBEDDING:
-            delta = widen(state.scaling) * (widen(state.lora_embedding_B) @ widen(state.lora_embedding_A))
             return {site.weight_name: delta.T}
-        delta = widen(state.scaling) * (widen(state.lora_B) @ widen(state.lora_A))
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 
     def saved_state(self, site, state, prefix):
+        a, b = state.real()  # the adapter's own rank, as PEFT saves it, in a reserved slot too
         if site.kind == EMBEDDING:
-            return {f"{prefix}lora_embedding_A": state.lora_embedding_A,
-                    f"{prefix}lora_embedding_B": state.lora_embedding_B}
-        return {f"{prefix}lora_A.weight": state.lora_A, f"{prefix}lora_B.weight": state.lora_B}
+            return {f"{prefix}lora_embedding_A": a, f"{prefix}lora_embedding_B": b}
+        return {f"{prefix}lora_A.weight": a, f"{prefix}lora_B.weight": b}
+
+    def reserved(self, max_rank):
+        """Room for any LoRA of rank ``max_rank`` or less with this dropout (a graph constant)."""
+        return LoRA(r=max_rank, alpha=max_rank, dropout=self.dropout)
+
+    def misfit(self, site, room, state):
+        if not isinstance(room, LoRA):
+            return f"{self!r} can't replace {room!r}"
+        if self.dropout != room.dropout:
+            return (f"its dropout {self.dropout} differs from {room.dropout}, which the graph was built with "
+                    "(dropout is a constant of the training graph)")
+        r, _ = self.rank_and_alpha(site.path)
+        if r > state.capacity:
+            return f"its rank {r} at {site.path} exceeds the rank {state.capacity} the graph holds there"
+        return None
+
+    def fill(self, site, room, state):
+        """``state``'s pair in the leading rank rows of ``room``'s, zeros after: ``B A`` is unchanged
+        (the zero rows add exact zeros, and their gradients are zero, so they stay zero)."""
+        room.write(*state.real(), state.scaling)
+
+    def clear(self, state):
+        state.clear()
 
     def config(self):
         out = {"kind": self.kind, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
@@ -290,16 +347,17 @@ def _combine(how: str, group: list, new_rank: int):
     if how == "linear":
         for p, w in group:
             ws = w * float(p.state.scaling)
-            a += math.copysign(math.sqrt(abs(ws)), ws) * p.state.lora_A
-            b += math.sqrt(abs(ws)) * p.state.lora_B
+            pa, pb = p.state.real()
+            a += math.copysign(math.sqrt(abs(ws)), ws) * pa
+            b += math.sqrt(abs(ws)) * pb
     elif how == "cat":
-        parts_a = [w * float(p.state.scaling) * p.state.lora_A for p, w in group]
-        parts_b = [p.state.lora_B for p, _ in group]
+        parts_a = [w * float(p.state.scaling) * p.state.real()[0] for p, w in group]
+        parts_b = [p.state.real()[1] for p, _ in group]
         cat_a, cat_b = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
         a[: cat_a.shape[0]] = cat_a
         b[:, : cat_b.shape[1]] = cat_b
     else:
-        delta = sum(w * float(p.state.scaling) * (p.state.lora_B @ p.state.lora_A) for p, w in group)
+        delta = sum(w * float(p.state.scaling) * (p.state.real()[1] @ p.state.real()[0]) for p, w in group)
         u, s, vh = torch.linalg.svd(delta.float())
         b = (u[:, :new_rank] @ torch.diag(s[:new_rank])).to(b.dtype)
         a = vh[:new_rank].to(a.dtype)

@@ -28,10 +28,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # what PEFT's tensor keys carry in front of module paths
 
 
-def adapter_tensors(cm, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor adapter ``name`` would save, under PEFT's keys."""
+def adapter_tensors(cm, name: str, placements: list | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor adapter ``name`` would save, under PEFT's keys (with ``placements``: theirs)."""
     out = {}
-    placements = [p for p in cm.sites if p.adapter_name == name]
+    placements = _placements_of(cm, name, placements)
     for p in placements:
         out.update(p.adapter.saved_state(p.site, p.state, f"{PEFT_KEY_PREFIX}{p.key}."))
     # PEFT keys a prompt-learning adapter's modules_to_save copies one level up.
@@ -76,8 +76,9 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     return config, tensors
 
 
-def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a checkpoint's tensors into adapter ``name``'s state, all or nothing.
+def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str, placements: list | None = None) -> None:
+    """Copy a checkpoint's tensors into adapter ``name``'s state (or into ``placements``', not
+    yet installed: a hot-swap), all or nothing.
 
     Keys are PEFT's. PEFT also saves the base weights of a LoRA-adapted embedding
     (``<path>.base_layer.weight``, for resized vocabularies); those must equal the model's,
@@ -87,8 +88,9 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
         PeftcError: naming every missing, unexpected, or wrongly shaped key, or a saved
             base embedding that differs from the model's.
     """
-    expected = adapter_tensors(cm, name)
-    found = _without_base_copies(cm, name, tensors, source)
+    placements = _placements_of(cm, name, placements)
+    expected = adapter_tensors(cm, name, placements)
+    found = _without_base_copies(cm, tensors, source, placements)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
@@ -109,10 +111,15 @@ def load_tensors(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -
 _BASE_COPY = ".base_layer.weight"
 
 
-def _without_base_copies(cm, name: str, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def _placements_of(cm, name: str, placements: list | None) -> list:
+    return [p for p in cm.sites if p.adapter_name == name] if placements is None else placements
+
+
+def _without_base_copies(cm, tensors: dict[str, torch.Tensor], source: str,
+                         placements: list) -> dict[str, torch.Tensor]:
     """``tensors`` less the base weights PEFT saves beside LoRA on an embedding, checked equal to the model's."""
-    keys = {f"{PEFT_KEY_PREFIX}{p.key}{_BASE_COPY}": p.site.weight_path for p in cm.sites
-            if p.adapter_name == name and p.site.kind == "embedding"}
+    keys = {f"{PEFT_KEY_PREFIX}{p.key}{_BASE_COPY}": p.site.weight_path for p in placements
+            if p.site.kind == "embedding"}
     for key, weight_path in keys.items():
         if key in tensors:
             weight = cm.base_model.get_parameter(weight_path)

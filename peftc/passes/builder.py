@@ -137,7 +137,7 @@ class Builder:
 
     def graph_gate(self) -> fx.Node:
         with self.graph.inserting_after(self._last):
-            node = self.graph.get_attr(f"{STATE_ROOT}.gates.{self._placement.adapter_name}")
+            node = self.graph.get_attr(f"{STATE_ROOT}.gates.{self._placement.home}")
         node.meta[META_DTYPE] = torch.bool
         return self._add(node)
 
