@@ -115,7 +115,9 @@ def _from_prompt(config: dict, model) -> Translated:
         path = config.get("tokenizer_name_or_path")
         kwargs = _tokenizer_kwargs(config.get("tokenizer_kwargs"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            # trust_remote_code=False, not the default None: None asks on a terminal whether to run
+            # the folder's code (and waits for an answer); False refuses it outright
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, trust_remote_code=False)
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e

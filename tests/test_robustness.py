@@ -432,5 +432,5 @@ def test_tokenizer_kwargs_from_a_config_never_trust_remote_code(tmp_path, monkey
                                    "code_revision": "x", "auto_map": {"AutoTokenizer": "evil.Tok"}}}
     with pytest.warns(UserWarning, match="trust_remote_code"):
         rules = peftc.load_rules(config, make_llama())
-    assert calls == [(str(tmp_path), (), {"revision": "main", "use_fast": False})]
+    assert calls == [(str(tmp_path), (), {"revision": "main", "use_fast": False, "trust_remote_code": False})]
     assert rules.rules[0].adapter.text == "classify this"

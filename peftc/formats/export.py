@@ -72,7 +72,7 @@ from ..trace import call_inputs, default_inputs, with_defaults
 from .atomic import check_space, staged
 from .verify import ExportResult, flatten_outputs, other_batch, verify_artifact
 
-__all__ = ["FORMATS", "ExportResult", "export", "export_model"]
+__all__ = ["FORMATS", "ExportResult", "export", "export_model", "target_path"]
 
 FORMATS = ("pt2", "onnx", "hf")
 SUFFIX = {"pt2": ".pt2", "onnx": ".onnx"}
@@ -118,7 +118,7 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
     ``on_stage`` is called with ``"merge"``, ``"export"`` and ``"verify"`` as each stage starts.
     """
     fmt = _check_format(format)
-    target = _target(path, fmt)
+    target = target_path(path, fmt)
     model = cm.base_model
     quantized = {bits(p) for p in model.parameters()} - {None}
     if quantized and fmt != "hf":
@@ -287,8 +287,13 @@ def _not_hf(why: str) -> PeftcError:
     )
 
 
-def _target(path, fmt: str) -> Path:
-    """Where to write (created only when writing): a folder for hf, else a file."""
+def target_path(path, fmt: str) -> Path:
+    """Where an export of format ``fmt`` to ``path`` is written: a folder for hf, else a file
+    (``path/model.pt2`` for a folder or a path without a suffix).
+
+    Raises:
+        PeftcError: a path that can't take the artifact (a file where a folder goes).
+    """
     p = Path(path)
     if fmt == "hf":
         if p.exists() and not p.is_dir():
