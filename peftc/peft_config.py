@@ -304,21 +304,24 @@ class _PeftTargets(Selector):
         if self.within is not None and not site.is_linear:
             return False
         key = site.path
+        # a bare parameter's site (``x @ self.W``) is saved under its weight path (Site.key):
+        # a name matches the module path or that
+        names = {key, site.key}
         if self._exclude is not None:
-            if self._exclude.fullmatch(key):
+            if any(self._exclude.fullmatch(k) for k in names):
                 return False
-        elif self.exclude and _names_match(self.exclude, key):
+        elif self.exclude and _names_match(self.exclude, names):
             return False
         if any(m.match(key) for m in self._saved):
             return False
         if self._targets is not None:
-            return self._targets.fullmatch(key) is not None
+            return any(self._targets.fullmatch(k) is not None for k in names)
         if self.within is not None:
             if not any(key.startswith(f"{block}.") for block in self.within):
                 return False
-        elif key in self.targets:
+        elif any(k in self.targets for k in names):
             return True
-        elif not any(key.endswith(f".{t}") for t in self.targets):
+        elif not _names_match(self.targets, names):
             return False
         if self.layers:
             return layer_index(key, self.layers_pattern) in self.layers
@@ -326,7 +329,7 @@ class _PeftTargets(Selector):
 
     def check_sites(self, sites: list[Site]) -> None:
         """Raise unless every listed target name and every parameter target reaches a site."""
-        paths = {s.path for s in sites}
+        paths = {s.path for s in sites} | {s.key for s in sites}
         missing = [t for t in (self.targets if self.listed else ()) if not _names_match([t], paths)]
         missing += [p for p in sorted(self.parameters) if not any(
             s.is_linear and moe_targets.matches_parameter(s.weight_path, {p}) for s in sites)]

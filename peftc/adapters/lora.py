@@ -123,13 +123,16 @@ class LoRA(Adapter):
             for key in patterns:
                 compile_regex(key, f"{what} key", _PATTERN)
 
-    def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(
-            self.alpha_pattern, path, self.alpha
+    def rank_and_alpha(self, site) -> tuple[int, float]:
+        """The site's rank and alpha: a pattern matching its module path, or the key it is saved
+        under (a bare parameter's weight path), else the defaults."""
+        paths = (site.path, site.key)
+        return _pattern_value(self.rank_pattern, paths, self.r), _pattern_value(
+            self.alpha_pattern, paths, self.alpha
         )
 
-    def scaling(self, path: str) -> float:
-        r, alpha = self.rank_and_alpha(path)
+    def scaling(self, site) -> float:
+        r, alpha = self.rank_and_alpha(site)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def unsupported(self, site):
@@ -138,10 +141,10 @@ class LoRA(Adapter):
         return None
 
     def init_state(self, site) -> LoRAState | LoRAEmbeddingState:
-        r, _ = self.rank_and_alpha(site.path)
+        r, _ = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
         if site.kind == EMBEDDING:  # PEFT: A zeros and B normal, or (init=False) both normal
-            state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
+            state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site), dtype)
             with torch.no_grad():
                 nn.init.normal_(state.lora_embedding_B)
                 if self.init is False:
@@ -149,7 +152,7 @@ class LoRA(Adapter):
                 else:
                     nn.init.zeros_(state.lora_embedding_A)
             return state
-        state = LoRAState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
+        state = LoRAState(r, site.in_features, site.out_features, self.scaling(site), dtype)
         with torch.no_grad():
             if self.init == "gaussian":
                 nn.init.normal_(state.lora_A, std=1 / r)
@@ -271,8 +274,8 @@ def _combine(how: str, group: list, new_rank: int):
 _PATTERN = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys to a module path
 
 
-def _pattern_value(patterns: dict, path: str, default):
+def _pattern_value(patterns: dict, paths: tuple[str, ...], default):
     for key, value in patterns.items():
-        if re.match(_PATTERN.replace("{}", key), path):
+        if any(re.match(_PATTERN.replace("{}", key), path) for path in paths):
             return value
     return default
