@@ -3,10 +3,13 @@
 ::
 
     peftc inspect MODEL_DIR --rules RULES        # dry run on the meta device: which sites, how many params
-    peftc merge MODEL_DIR ADAPTER_DIR --out OUT [--format hf|pt2|onnx]
+    peftc merge MODEL_DIR ADAPTER_DIR --out OUT [--format hf|pt2|onnx] [--force]
 
 MODEL_DIR is a local transformers checkpoint (``config.json`` + weights);
-nothing is downloaded. Exit status: 0 on success, 2 for a usage error, 1 for a
+nothing is downloaded, and no code a checkpoint names is run (no
+``trust_remote_code``, safetensors weights only). ``merge`` writes OUT
+atomically: into a hidden sibling, moved into place once complete and
+verified; an existing OUT is replaced only with ``--force``. Exit status: 0 on success, 2 for a usage error, 1 for a
 failure, reported as one ``peftc: error: ...`` line on stderr.
 """
 
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "Default: 1e-4 for float32, 2e-2 for float16/bfloat16")
     merge.add_argument("--no-verify", action="store_true",
                        help="skip loading the export back and comparing it with the unmerged model")
+    merge.add_argument("--force", action="store_true",
+                       help="replace an existing OUT (by default an existing export is never overwritten)")
     merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -154,7 +159,8 @@ def _model_class(folder: Path):
 
     _quiet_transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        # never code the checkpoint names (config.auto_map): transformers' own classes only
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise CliError(f"can't read {folder / 'config.json'}: {_joined_lines(e)}") from e
     architectures = getattr(config, "architectures", None) or []
@@ -185,7 +191,8 @@ def _load_model(folder: Path, dtype: str):
 
     cls, config = _model_class(folder)
     try:
-        model = cls.from_pretrained(folder, local_files_only=True,
+        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,  # no pickles
+                                    trust_remote_code=False,
                                     dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except OSError:
         raise
@@ -205,7 +212,7 @@ def inspect_command(args) -> int:
     import peftc
 
     model = _meta_model(folder)
-    rules = peftc.load_rules(rules_path, model)
+    rules = _inspected_rules(rules_path, model)
     cm = peftc.compile(model, rules, backend="eager")
     rows, adapter_params = _site_rows(cm)
     saved = [{"path": path, "adapter": name, "params": sum(p.numel() for p in clone.parameters())}
@@ -228,6 +235,24 @@ def inspect_command(args) -> int:
     else:
         print(_table(summary))
     return 0
+
+
+def _inspected_rules(path: Path, model):
+    """The rules in ``path``. A PEFT adapter config is read as a checkpoint's: initialisation is
+    moot in a dry run, so a text-initialised prompt builds no tokenizer (nothing it names is read)."""
+    import peftc
+    from peftc.formats.peft import CONFIG_NAME
+    from peftc.rules import checkpoint_rules
+
+    config_path = path / CONFIG_NAME if path.is_dir() else path
+    if config_path.suffix == ".json" and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            config = None  # load_rules reports it
+        if isinstance(config, dict) and "peft_type" in config:
+            return checkpoint_rules(config, model, str(config_path))
+    return peftc.load_rules(path, model)
 
 
 def _site_rows(cm) -> tuple[list[dict], int]:
@@ -325,7 +350,13 @@ def merge_command(args) -> int:
     if args.format == "hf":
         _check_hf_adapter(adapter)
     import peftc
-    from peftc.formats.export import export_model
+    from peftc.formats.atomic import staged
+    from peftc.formats.export import export_model, target_path
+
+    out = target_path(args.out, args.format)
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to replace it (it is replaced only once the new "
+                       "export is complete and verified)")
 
     stages = _Stages(args.quiet, not args.no_verify)
     ok = False
@@ -334,10 +365,14 @@ def merge_command(args) -> int:
         model = _load_model(folder, args.dtype)
         stages.start("load adapter")
         cm = peftc.from_pretrained(model, adapter, backend="eager")
-        result = export_model(cm, args.out, args.format, verify=not args.no_verify, atol=args.atol,
-                              rtol=args.atol, on_stage=stages.start)
-        if args.format == "hf":
-            _copy_tokenizer(folder, result.path)
+        # export_model writes atomically on its own; staged here too, so the tokenizer files
+        # land with the export in one move
+        with staged(out) as written:
+            result = export_model(cm, written, args.format, verify=not args.no_verify, atol=args.atol,
+                                  rtol=args.atol, on_stage=stages.start)
+            if args.format == "hf":
+                _copy_tokenizer(folder, written)
+        result.path = out
         ok = True
     finally:
         stages.close(ok)

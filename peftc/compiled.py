@@ -16,6 +16,7 @@ save/export facades.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 import weakref
@@ -138,6 +139,21 @@ class CompiledModel(PeftSurface, nn.Module):
         Returns what the model's own ``generate`` returns. See :mod:`peftc.generation`.
         """
         return generate(self, *args, adapter_names=adapter_names, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """An independent compiled model: the model, its adapters and the merge state copied;
+        the copy traces its own graphs (its parameters are new objects)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "programs"})
+        hooks = new.base_model._forward_pre_hooks  # the copied hook warns about this model, not the copy
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith(_warn_direct_calls.__name__):
+                del hooks[key]
+        new.base_model.register_forward_pre_hook(_warn_direct_calls(weakref.ref(new)))
+        new.programs = self.programs.copy_for(new.base_model, new.state)
+        return new
 
     def program_for(self, *args, **kwargs) -> Program:
         """The program (``trace``, ``gm``, ``fn``) a call with these inputs runs, built if needed."""
@@ -391,7 +407,8 @@ class CompiledModel(PeftSurface, nn.Module):
     @contextmanager
     def mixed_batch(self, adapter_names: list[str], batch_size: int):
         """Inside the block, row ``i`` of each batch runs adapter ``adapter_names[i]``
-        (``"__base__"``: none). ``cm(..., adapter_names=[...])`` uses this."""
+        (``"__base__"``: none); while disabled (:meth:`disable_adapter`) every row runs the
+        base model, as in PEFT. ``cm(..., adapter_names=[...])`` uses this."""
         names = list(adapter_names)
         used = set(names) - {BASE}
         self.state.check_names(sorted(used))
@@ -404,6 +421,9 @@ class CompiledModel(PeftSurface, nn.Module):
         if whole_batch or any(self.state.saved(n) for n in used):
             raise RuleError("adapter_names works with adapters that act per row (LoRA, BitFit, custom kinds); "
                             "prompt, prefix and modules_to_save adapters change the whole batch")
+        if self.state.disabled:  # as PEFT: inside disable_adapter() every row runs the base model
+            yield
+            return
         gates = self.state.root.gates
         rows = {name: torch.tensor([n == name for n in names], device=getattr(gates, self.state.home(name)).device)
                 for name in self.adapters}

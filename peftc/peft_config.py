@@ -122,7 +122,9 @@ def _from_prompt(config: dict, model) -> Translated:
         path = config.get("tokenizer_name_or_path")
         kwargs = _tokenizer_kwargs(config.get("tokenizer_kwargs"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            # trust_remote_code=False, not the default None: None asks on a terminal whether to run
+            # the folder's code (and waits for an answer); False refuses it outright
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, trust_remote_code=False)
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
@@ -372,21 +374,24 @@ class _PeftTargets(Selector):
         if self.within is not None and not site.is_linear:
             return False
         key = site.path
+        # a bare parameter's site (``x @ self.W``) is saved under its weight path (Site.key):
+        # a name matches the module path or that
+        names = {key, site.key}
         if self._exclude is not None:
-            if self._exclude.fullmatch(key):
+            if any(self._exclude.fullmatch(k) for k in names):
                 return False
-        elif self.exclude and _names_match(self.exclude, key):
+        elif self.exclude and _names_match(self.exclude, names):
             return False
         if any(m.match(key) for m in self._saved):
             return False
         if self._targets is not None:
-            return self._targets.fullmatch(key) is not None
+            return any(self._targets.fullmatch(k) is not None for k in names)
         if self.within is not None:
             if not any(key.startswith(f"{block}.") for block in self.within):
                 return False
-        elif key in self.targets:
+        elif any(k in self.targets for k in names):
             return True
-        elif not any(key.endswith(f".{t}") for t in self.targets):
+        elif not _names_match(self.targets, names):
             return False
         if self.layers:
             return layer_index(key, self.layers_pattern) in self.layers
@@ -394,7 +399,7 @@ class _PeftTargets(Selector):
 
     def check_sites(self, sites: list[Site]) -> None:
         """Raise unless every listed target name and every parameter target reaches a site."""
-        paths = {s.path for s in sites}
+        paths = {s.path for s in sites} | {s.key for s in sites}
         missing = [t for t in (self.targets if self.listed else ()) if not _names_match([t], paths)]
         missing += [p for p in sorted(self.parameters) if not any(
             s.is_linear and moe_targets.matches_parameter(s.weight_path, {p}) for s in sites)]
@@ -603,7 +608,7 @@ def _kind_config(cm, name: str, placements) -> dict:
         out.update(fan_in_fan_out=any(p.site.layout == "in_out" for p in placements),
                    bias={"lora_only": "vera_only"}.get(bias, bias))
         return out
-    ranks = {p.key: p.adapter.rank_and_alpha(p.path) for p in placements}
+    ranks = {p.key: p.adapter.rank_and_alpha(p.site) for p in placements}
     r = Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in ranks.values()).most_common(1)[0][0]
     out.update(r=r, alpha=alpha, rank_pattern={re.escape(k): v for k, (v, _) in ranks.items() if v != r},

@@ -77,6 +77,20 @@ class Programs:
         self._input_grads: str | None = None
         self._sharding: Sharding | None = None
 
+    def copy_for(self, model: nn.Module, state: AdapterState) -> Programs:
+        """An empty cache for a copy of the model and its adapters (``copy.deepcopy`` of a
+        compiled model): the copy's own trace to find sites in, taken on the inputs of this
+        one's, no programs yet (each is built on the first call that needs it), and the same
+        checkpointing and input-grad settings."""
+        t = self._catalog
+        args, kwargs = t.ep.example_inputs
+        if t.boundary:  # traced through the input boundary, which took the keyword inputs as one dict
+            args, kwargs = (), dict(args[0])
+        new = Programs(model, state, self._backend, trace(model, tuple(args), dict(kwargs), t.signature))
+        new._first = None  # the copy may be merged; its programs are traced as calls come
+        new._checkpointing, new._input_grads = self._checkpointing, self._input_grads
+        return new
+
     def __len__(self) -> int:
         return sum(len(programs) for programs in self._cache.values())
 

@@ -161,7 +161,7 @@ def runs(files, request):
 
 @pytest.mark.parametrize(("command", "options"), [
     ("inspect", ["MODEL_DIR", "--rules", "--json"]),
-    ("merge", ["MODEL_DIR", "ADAPTER_DIR", "--out", "--format", "hf,pt2,onnx", "--dtype", "--atol",
+    ("merge", ["MODEL_DIR", "ADAPTER_DIR", "--out", "--format", "hf,pt2,onnx", "--dtype", "--atol", "--force",
                "--no-verify", "--quiet"]),
 ])
 def test_command_help_documents_every_option(command, options, capsys):

@@ -134,6 +134,13 @@ def test_mixed_batch_picks_an_adapter_per_row(two_adapters):
         cm(input_ids=ids, adapter_names=["nope"] * 3)
     with pytest.raises(peftc.RuleError, match="3 rows"):
         cm(input_ids=ids, adapter_names=["default"] * 2)
+    with cm.disable_adapter():  # as PEFT (its layers check disable_adapters first): the base, every row
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask, adapter_names=names).logits,
+                                   outs["__base__"], atol=1e-6, rtol=0)
+        with pytest.raises(peftc.RuleError, match="unknown"):  # names are still checked
+            cm(input_ids=ids, adapter_names=["nope"] * 3)
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask, adapter_names=names).logits, mixed,
+                               atol=0, rtol=0)
     cm.merge()
     with pytest.raises(peftc.MergeError, match="merged"):
         cm(input_ids=ids, adapter_names=names)
@@ -296,3 +303,35 @@ def test_deleting_an_adapter_drops_its_selectors():
     cm.delete_adapter("extra")
     assert rule.selector not in cm.state.selectors
     assert len(cm.state.selectors) == 3  # default's one rule and other's two
+
+
+def test_deepcopy_gives_an_independent_working_compiled_model():
+    cm = peftc.compile(make_llama(), peftc.LoRA(r=2, init=False).on(peftc.linear(r".*\.q_proj")), backend="eager")
+    ids, mask = padded_batch(2, 6)
+    out = cm(input_ids=ids, attention_mask=mask).logits
+    twin = copy.deepcopy(cm)
+    shared = {p.data_ptr() for p in cm.parameters()} & {p.data_ptr() for p in twin.parameters()}
+    assert not shared and twin.base_model is not cm.base_model
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits, out, atol=0, rtol=0)
+    b = peftc.LoRA(r=3, init=False).on(peftc.linear(r".*\.(k|v)_proj"))
+    twin.add_adapter("b", b)
+    twin.set_adapter("b")
+    assert cm.adapters == ["default"] and cm.active_adapters == ["default"]
+    torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits, out, atol=0, rtol=0)
+    # the reference: the original, never copied, given the same adapter "b"
+    cm.add_adapter("b", b)
+    cm.load_state_dict(twin.state_dict())
+    cm.set_adapter("b")
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits,
+                               cm(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    # merged: the copy merges and unmerges on its own weights
+    cm.merge()
+    merged = copy.deepcopy(cm)
+    assert merged.merged
+    merged.unmerge()
+    assert cm.merged and not merged.merged
+    cm.unmerge()
+    for (name, a), (_, c) in zip(cm.base_model.named_parameters(), merged.base_model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=0, msg=name)
+    with pytest.warns(UserWarning, match="without its adapters"):  # the copy's own direct-call warning
+        merged.base_model(input_ids=ids)

@@ -432,5 +432,54 @@ def test_tokenizer_kwargs_from_a_config_never_trust_remote_code(tmp_path, monkey
                                    "code_revision": "x", "auto_map": {"AutoTokenizer": "evil.Tok"}}}
     with pytest.warns(UserWarning, match="trust_remote_code"):
         rules = peftc.load_rules(config, make_llama())
-    assert calls == [(str(tmp_path), (), {"revision": "main", "use_fast": False})]
+    assert calls == [(str(tmp_path), (), {"revision": "main", "use_fast": False, "trust_remote_code": False})]
     assert rules.rules[0].adapter.text == "classify this"
+
+
+# -- 6. every site kind that saves also loads ------------------------------------------------------
+
+
+class _BareHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 5))
+
+    def forward(self, x):
+        return x @ self.W
+
+
+class _BareParameters(nn.Module):
+    """``x @ self.W`` on a root-level parameter and on a submodule's, beside an nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 6))
+        self.head = _BareHead()
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.head(x @ self.W))
+
+
+def test_an_adapter_on_bare_parameters_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model, x = _BareParameters(), torch.randn(2, 4)
+    lora = peftc.LoRA(r=2, alpha=4, init=False, rank_pattern={"head.W": 3})
+    cm = peftc.compile(copy.deepcopy(model), lora.on(peftc.linear()), example_inputs=(x,), backend="eager")
+    assert sorted(p.key for p in cm.sites) == ["W", "head.W", "out"]
+    assert {p.key: p.state.r for p in cm.sites} == {"W": 2, "head.W": 3, "out": 2}
+    cm.save_pretrained(tmp_path)
+    loaded = peftc.from_pretrained(copy.deepcopy(model), tmp_path, example_inputs=(x,), backend="eager")
+    assert {p.key: p.state.r for p in loaded.sites} == {"W": 2, "head.W": 3, "out": 2}
+    saved, got = cm.state_dict(), loaded.state_dict()
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
+    with torch.no_grad():
+        _exactly(loaded(x), cm(x))
+        # and against the formula: each site's x @ W + s * (x @ A.T @ B.T) in float64
+        h = x.double()
+        for layer in ("W", "head.W", "out"):
+            p = next(p for p in cm.sites if p.key == layer)
+            w = dict(model.named_parameters())["out.weight" if layer == "out" else layer].double()
+            base = h @ w.T + model.out.bias.double() if layer == "out" else h @ w
+            h = base + float(p.state.scaling) * (h @ p.state.lora_A.double().T @ p.state.lora_B.double().T)
+        torch.testing.assert_close(loaded(x).double(), h, atol=1e-5, rtol=1e-5)

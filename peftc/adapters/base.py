@@ -271,11 +271,12 @@ def check_rank_alpha(label: str, r, alpha, rank_pattern: dict, alpha_pattern: di
             compile_regex(key, f"{what} key", PATTERN)
 
 
-def pattern_value(patterns: dict, path: str, default):
-    """The value of the first key of ``patterns`` matching ``path`` as PEFT matches
-    ``rank_pattern`` keys (``(.*\.)?(key)$``), or ``default``."""
+def pattern_value(patterns: dict, site: Site, default):
+    """The value of the first key of ``patterns`` matching the site's module path, or the key
+    it is saved under (a bare parameter's weight path), as PEFT matches ``rank_pattern`` keys
+    (``(.*\.)?(key)$``); else ``default``."""
     for key, value in patterns.items():
-        if re.match(PATTERN.replace("{}", key), path):
+        if any(re.match(PATTERN.replace("{}", key), path) for path in (site.path, site.key)):
             return value
     return default
 

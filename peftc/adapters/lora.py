@@ -153,13 +153,13 @@ class LoRA(Adapter):
         if init not in _INITS and not (isinstance(init, str) and _NITER.fullmatch(init)):
             raise RuleError(f"LoRA init={init!r} must be one of {_INITS} or 'pissa_niter_<K>'")
 
-    def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        return pattern_value(self.rank_pattern, path, self.r), pattern_value(
-            self.alpha_pattern, path, self.alpha
-        )
+    def rank_and_alpha(self, site) -> tuple[int, float]:
+        """The site's rank and alpha: a pattern matching its module path, or the key it is saved
+        under (a bare parameter's weight path), else the defaults."""
+        return pattern_value(self.rank_pattern, site, self.r), pattern_value(self.alpha_pattern, site, self.alpha)
 
-    def scaling(self, path: str) -> float:
-        r, alpha = self.rank_and_alpha(path)
+    def scaling(self, site) -> float:
+        r, alpha = self.rank_and_alpha(site)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def unsupported(self, site):
@@ -191,7 +191,7 @@ class LoRA(Adapter):
         if self.init == "olora" and site.layout != "out_in":
             raise RuleError(f"LoRA init='olora' at {site.path}: its weight is stored [in, out] (Conv1D, x @ W), "
                             "where PEFT's OLoRA factors the wrong side; use init='pissa' or True")
-        w, r, s = weight.detach().float(), state.r, self.scaling(site.path)  # a Python float, as PEFT's
+        w, r, s = weight.detach().float(), state.r, self.scaling(site)  # a Python float, as PEFT's
         if r > min(w.shape):
             raise RuleError(f"LoRA init={self.init!r} at {site.path}: rank {r} exceeds the weight's "
                             f"{min(w.shape)}; lower r")
@@ -211,10 +211,10 @@ class LoRA(Adapter):
         state.lora_B.copy_(b.contiguous())
 
     def init_state(self, site) -> LoRAState | LoRAEmbeddingState:
-        r, _ = self.rank_and_alpha(site.path)
+        r, _ = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
         if site.kind == EMBEDDING:  # PEFT: A zeros and B normal, or (init=False) both normal
-            state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
+            state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site), dtype)
             with torch.no_grad():
                 nn.init.normal_(state.lora_embedding_B)
                 if self.init is False:
@@ -222,7 +222,7 @@ class LoRA(Adapter):
                 else:
                     nn.init.zeros_(state.lora_embedding_A)
             return state
-        state = LoRAState(r, site.in_features, site.out_features, self.scaling(site.path), dtype)
+        state = LoRAState(r, site.in_features, site.out_features, self.scaling(site), dtype)
         with torch.no_grad():
             if self.changes_base:  # filled from the weight by init_states
                 return state
@@ -284,7 +284,7 @@ class LoRA(Adapter):
         if self.dropout != room.dropout:
             return (f"its dropout {self.dropout} differs from {room.dropout}, which the graph was built with "
                     "(dropout is a constant of the training graph)")
-        r, _ = self.rank_and_alpha(site.path)
+        r, _ = self.rank_and_alpha(site)
         if r > state.capacity:
             return f"its rank {r} at {site.path} exceeds the rank {state.capacity} the graph holds there"
         return None

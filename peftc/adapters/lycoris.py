@@ -94,8 +94,8 @@ class Lycoris(Adapter):
         if init not in inits:
             raise RuleError(f"{self.label} init={init!r} must be one of {inits}")
 
-    def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        return pattern_value(self.rank_pattern, path, self.r), pattern_value(self.alpha_pattern, path, self.alpha)
+    def rank_and_alpha(self, site) -> tuple[int, float]:
+        return pattern_value(self.rank_pattern, site, self.r), pattern_value(self.alpha_pattern, site, self.alpha)
 
     def unsupported(self, site):
         if not site.is_linear:
@@ -119,7 +119,7 @@ class Lycoris(Adapter):
     # -- the protocol -------------------------------------------------------------
 
     def init_state(self, site) -> Factors:
-        r, alpha = self.rank_and_alpha(site.path)
+        r, alpha = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
         state = Factors(self.factors(r, site.out_features, site.in_features), alpha / r, dtype, site.device)
         with torch.no_grad():

@@ -12,6 +12,13 @@ in. The artifact is then loaded back from disk and its outputs compared with
 the outputs the model gave *before* merging (unmerged, if it was), on the
 example inputs and on a second batch with another batch size and length.
 
+Writing is atomic (:mod:`peftc.formats.atomic`): the artifact is written and
+verified in a hidden sibling of the target, and moved into place only then. A
+failure at any point (a full disk, a failed check, an interrupt) leaves what
+was at the target before untouched and no partial files. Before writing a
+``.pt2`` the free space is checked against its size, since torch's archive
+writer aborts the whole process when the disk fills.
+
 - ``"pt2"``: an ``ExportedProgram`` saved with :func:`torch.export.save`. It
   loads with :func:`torch.export.load` and runs with torch alone (neither peftc
   nor transformers is imported), with dynamic batch and sequence length.
@@ -62,9 +69,10 @@ from ..quiet import quiet
 from ..signature import as_keywords
 from ..storage import bits
 from ..trace import call_inputs, default_inputs, with_defaults
+from .atomic import check_space, staged
 from .verify import ExportResult, flatten_outputs, other_batch, verify_artifact
 
-__all__ = ["FORMATS", "ExportResult", "export", "export_model"]
+__all__ = ["FORMATS", "ExportResult", "export", "export_model", "target_path"]
 
 FORMATS = ("pt2", "onnx", "hf")
 SUFFIX = {"pt2": ".pt2", "onnx": ".onnx"}
@@ -110,7 +118,7 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
     ``on_stage`` is called with ``"merge"``, ``"export"`` and ``"verify"`` as each stage starts.
     """
     fmt = _check_format(format)
-    target = _target(path, fmt)
+    target = target_path(path, fmt)
     model = cm.base_model
     quantized = {bits(p) for p in model.parameters()} - {None}
     if quantized and fmt != "hf":
@@ -123,6 +131,18 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
     if 8 in quantized and atol is None:  # LLM.int8() rounds activations to int8; the float export doesn't
         atol = rtol = 2e-2
     stage = on_stage or (lambda name: None)
+    with staged(target, stale=_old_weights if fmt == "hf" else None) as written:
+        result = _write_and_verify(cm, target, written, fmt, example_inputs, verify, atol, rtol, quantized,
+                                   stage)
+    result.path = target
+    return result
+
+
+def _write_and_verify(cm, target: Path, written: Path, fmt: str, example_inputs, verify: bool, atol, rtol,
+                      quantized: set, stage: Callable[[str], None]) -> ExportResult:
+    """Merge, write the artifact at ``written`` (the staging path of ``target``), put the model
+    back as it was, then load the artifact back and compare."""
+    model = cm.base_model
     modes = [(m, m.training) for m in cm.modules()]
     was_merged = cm.merged
     try:
@@ -140,7 +160,7 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
             try:
                 reason = _merge(cm, fmt)
                 stage("export")
-                _write(cm, target, fmt, inputs, tensors, outputs, reason)
+                _write(cm, written, fmt, inputs, tensors, outputs, reason)
             finally:
                 if cm.merged and not was_merged:
                     with quiet():
@@ -149,16 +169,15 @@ def export_model(cm, path, format: str = "pt2", example_inputs=None, *, verify: 
     finally:
         for m, training in modes:
             m.training = training
-    result = ExportResult(target, fmt, tensors, outputs, merged)
+    result = ExportResult(written, fmt, tensors, outputs, merged)
     if verify:
         stage("verify")
-        verify_artifact(result, model, batches, refs, atol, rtol)
+        verify_artifact(result, model, batches, refs, atol, rtol, shown=target)
     return result
 
 
 def _write(cm, target: Path, fmt: str, inputs: dict, tensors: list[str], outputs: list[str],
            reason: str | None) -> None:
-    (target if fmt == "hf" else target.parent).mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         _save_hf(cm, target)
         return
@@ -168,9 +187,31 @@ def _write(cm, target: Path, fmt: str, inputs: dict, tensors: list[str], outputs
         if fmt == "pt2":
             meta = {"inputs": tensors, "outputs": outputs, "model": type(cm.base_model).__name__,
                     "merged": reason is None}
+            # torch's archive writer aborts the process when the disk fills: check first
+            check_space(target.parent, _pt2_size(ep), f"the pt2 export {target.name}")
             torch.export.save(ep, target, extra_files={METADATA: json.dumps(meta)})
         else:
             _save_onnx(ep, target, {k: inputs[k] for k in tensors}, outputs)
+
+
+def _pt2_size(ep) -> int:
+    """An upper estimate of a .pt2 archive's size: its tensors' storage bytes, each storage
+    once, plus 10% and 16 MiB for the serialized graph, alignment and the zip's records."""
+    storages = {}
+    for t in [*ep.state_dict.values(), *ep.constants.values()]:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+    total = sum(storages.values())
+    return int(total * 1.1) + (16 << 20)
+
+
+def _old_weights(path: Path) -> bool:
+    """Whether ``path``, in a folder an ``"hf"`` export replaces, holds the old model's weights
+    (removed with the swap unless the new export writes the same name)."""
+    name = path.name
+    return name.startswith(("model", "pytorch_model")) and name.endswith(
+        (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 @contextlib.contextmanager
@@ -246,8 +287,13 @@ def _not_hf(why: str) -> PeftcError:
     )
 
 
-def _target(path, fmt: str) -> Path:
-    """Where to write (created only when writing): a folder for hf, else a file."""
+def target_path(path, fmt: str) -> Path:
+    """Where an export of format ``fmt`` to ``path`` is written: a folder for hf, else a file
+    (``path/model.pt2`` for a folder or a path without a suffix).
+
+    Raises:
+        PeftcError: a path that can't take the artifact (a file where a folder goes).
+    """
     p = Path(path)
     if fmt == "hf":
         if p.exists() and not p.is_dir():

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from ..distributed import gathered_tensor, writes_files
 from ..errors import PeftcError
 from ..peft_config import adapter_config, is_prompt_learning
+from .atomic import make_folders, remove_folders, replace_all, write_temporary
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -180,21 +179,17 @@ def save_pretrained(cm, directory: str | os.PathLike, adapters: list[str] | None
     staged: list[tuple[Path, Path]] = []  # (complete temporary file, the file it replaces)
     try:
         for folder, config, tensors in contents:
-            made += _make_folders(folder)
-            staged.append((_write_temporary(folder / WEIGHTS_NAME,
+            made += make_folders(folder)
+            staged.append((write_temporary(folder / WEIGHTS_NAME,
                                             lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"})),
                            folder / WEIGHTS_NAME))
-            staged.append((_write_temporary(folder / CONFIG_NAME, lambda path, c=config: write_config(path, c)),
+            staged.append((write_temporary(folder / CONFIG_NAME, lambda path, c=config: write_config(path, c)),
                            folder / CONFIG_NAME))
-        _replace_all(staged)
+        replace_all(staged)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        remove_folders(made)
         raise
     return folders
 
@@ -236,75 +231,3 @@ def as_plain_lora(config: dict, tensors: dict[str, torch.Tensor], initial_config
 def write_config(path: str | os.PathLike, config: dict) -> None:
     """Write an adapter config as PEFT does (indented JSON)."""
     Path(path).write_text(json.dumps(config, indent=2))
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return those created, outermost first."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
-    made = []
-    for path in missing:
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as e:
-            for done in reversed(made):
-                done.rmdir()
-            raise PeftcError(f"can't create the adapter folder {path}: {e}") from e
-        made.append(path)
-    return made
-
-
-def _write_temporary(target: Path, write) -> Path:
-    """``write(path)`` into a new hidden sibling of ``target``; its path once complete."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _replace_all(staged: list[tuple[Path, Path]]) -> None:
-    """Move every temporary file over its target; if one move fails, put every old file back.
-
-    Each existing target is first hard-linked (or copied) to a backup, so it stays in
-    place until its replacement lands and can be restored if a later move fails.
-    """
-    backups: list[Path] = []
-    done: list[tuple[Path | None, Path]] = []
-    try:
-        for tmp, target in staged:
-            backup = _backup(target) if target.exists() else None
-            if backup is not None:
-                backups.append(backup)
-            os.replace(tmp, target)
-            done.append((backup, target))
-    except BaseException:
-        for backup, target in reversed(done):
-            if backup is None:
-                target.unlink(missing_ok=True)
-            else:
-                os.replace(backup, target)
-        raise
-    finally:
-        for backup in backups:
-            backup.unlink(missing_ok=True)
-
-
-def _backup(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
-    os.close(fd)
-    backup = Path(name)
-    backup.unlink()
-    try:
-        os.link(target, backup)
-    except OSError:  # no hard links on this file system: a copy does too
-        try:
-            shutil.copy2(target, backup)
-        except BaseException:
-            backup.unlink(missing_ok=True)
-            raise
-    return backup

@@ -127,16 +127,19 @@ def _tile(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def verify_artifact(result: ExportResult, model: nn.Module, batches: list[dict], refs: list,
-                    atol: float | None, rtol: float | None) -> None:
+                    atol: float | None, rtol: float | None, shown: Path | None = None) -> None:
     """Load ``result.path`` back, run it on each batch and compare with ``refs`` (the model's
     outputs before merging); set ``result.max_diff`` and ``result.checked_shapes``.
+
+    ``shown``: the path errors name (the artifact's destination while it is checked in a
+    staging folder); default ``result.path``.
 
     Raises:
         PeftcError: the artifact fails to run, misses an output, or differs beyond the tolerances.
     """
     run = {"pt2": _run_pt2, "onnx": _run_onnx, "hf": _run_hf}[result.format](result, model)
     worst = 0.0
-    where = f"the exported {result.format} at {result.path}"
+    where = f"the exported {result.format} at {shown or result.path}"
     for batch, ref in zip(batches, refs, strict=True):
         shapes = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         result.checked_shapes.append(shapes)
