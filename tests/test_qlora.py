@@ -52,6 +52,25 @@ def _hf_quantized(tmp_path, **config):
                                                 quantization_config=BitsAndBytesConfig(**{**kw, **config})).eval()
 
 
+def _training_step_like_peft(cm, pm, ids, mask):
+    """One SGD step of both in training mode: losses within 1e-3, LoRA-A gradients within 1e-5."""
+    cm.train()
+    pm.train()
+    opt_c = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.1)
+    opt_p = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    loss_c = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss_p = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert abs(loss_c.item() - loss_p.item()) < 1e-3
+    loss_c.backward()
+    loss_p.backward()
+    grads = dict(pm.named_parameters())
+    for p in cm.sites:
+        want = grads[f"base_model.model.{p.path}.lora_A.default.weight"].grad
+        torch.testing.assert_close(p.state.lora_A.grad, want, atol=1e-5, rtol=1e-4)
+    opt_c.step()
+    opt_p.step()
+
+
 def _packed(model) -> dict[str, nn.Module]:
     return {p: m for p, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
@@ -101,22 +120,8 @@ def test_compiled_qlora_matches_peft_forward_and_training_step(spec):
     with torch.no_grad():
         assert (cm(input_ids=ids, attention_mask=mask).logits
                 - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-4
-    cm.train()
-    pm.train()
     before = snapshot(model)
-    opt_c = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.1)
-    opt_p = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
-    loss_c = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
-    loss_p = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
-    assert abs(loss_c.item() - loss_p.item()) < 1e-3
-    loss_c.backward()
-    loss_p.backward()
-    grads = dict(pm.named_parameters())
-    for p in cm.sites:
-        want = grads[f"base_model.model.{p.path}.lora_A.default.weight"].grad
-        torch.testing.assert_close(p.state.lora_A.grad, want, atol=1e-5, rtol=1e-4)
-    opt_c.step()
-    opt_p.step()
+    _training_step_like_peft(cm, pm, ids, mask)
     assert_unchanged(model, before)  # the step changed adapter parameters only
     assert all(p.state.lora_A.grad is not None for p in cm.sites)
 
@@ -189,17 +194,7 @@ def test_8bit_model_matches_peft_forward_training_step_and_merge(tmp_path, thres
     with torch.no_grad():
         unmerged = cm(input_ids=ids, attention_mask=mask).logits
         assert (unmerged - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-4
-    cm.train()
-    pm.train()
-    loss_c = cm(input_ids=ids, attention_mask=mask, labels=ids).loss
-    loss_p = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
-    assert abs(loss_c.item() - loss_p.item()) < 1e-3
-    loss_c.backward()
-    loss_p.backward()
-    grads = dict(pm.named_parameters())
-    for p in cm.sites:
-        want = grads[f"base_model.model.{p.path}.lora_A.default.weight"].grad
-        torch.testing.assert_close(p.state.lora_A.grad, want, atol=1e-5, rtol=1e-4)
+    _training_step_like_peft(cm, pm, ids, mask)
     assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
     cm.eval()
     pm.eval()
