@@ -28,6 +28,7 @@ def compile(
     adapter_name: str = "default",
     modules_to_save: list[str] | None = None,
     quantize=None,
+    optimize=None,
 ) -> CompiledModel:
     """Put adapters on ``model`` where ``rules`` say, and lower the result.
 
@@ -47,6 +48,10 @@ def compile(
             The model's ``nn.Linear`` modules become bitsandbytes ``Linear4bit`` in place,
             one at a time, after every check has passed. A model already quantized by
             transformers (4-bit) needs no ``quantize``.
+        optimize: a :class:`peftc.Optimize` choosing the optimisation passes (default:
+            ``Optimize()``: the fused LM-head loss in training graphs). With the fused loss, a
+            training-mode call given ``labels`` returns ``logits=None``; pass
+            ``Optimize(fused_loss=False)`` to read them.
 
     Returns:
         A :class:`~peftc.CompiledModel`.
@@ -58,7 +63,7 @@ def compile(
         Nothing about ``model`` changes when an error is raised.
     """
     return CompiledModel(model, rules, example_inputs, backend=backend, adapter_name=adapter_name,
-                         modules_to_save=modules_to_save, quantize=quantize)
+                         modules_to_save=modules_to_save, quantize=quantize, optimize=optimize)
 
 
 def from_pretrained(

@@ -58,7 +58,7 @@ class CompiledModel(PeftSurface, nn.Module):
 
     def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
                  adapter_name: str = "default", modules_to_save: list[str] | None = None,
-                 trainable: bool = True, quantize=None):
+                 trainable: bool = True, quantize=None, optimize=None):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
@@ -80,7 +80,7 @@ class CompiledModel(PeftSurface, nn.Module):
         self.base_model = model
         self.state = AdapterState(model)
         self.peftc = self.state.root
-        self.programs = Programs(model, self.state, backend, first)
+        self.programs = Programs(model, self.state, backend, first, optimize)
         self._folded: Folded | None = None
         self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True)
         self.set_adapter(adapter_name)

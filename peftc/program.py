@@ -22,6 +22,7 @@ from torch import fx, nn
 from .boundary import Boundary
 from .errors import PeftcError
 from .match import discover
+from .optimize import Optimize
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
 from .passes.checkpoint import Checkpointing, checkpointed
@@ -61,15 +62,18 @@ class Programs:
         model: the user's model; state: its adapters; backend: for :func:`~peftc.passes.lower.lower`.
         first: the trace ``compile`` made; rules find their sites in it, and the first
             call that fits it reuses it instead of tracing again.
+        optimize: which optimisation passes lowering runs (default: :class:`~peftc.optimize.Optimize`'s).
     """
 
-    def __init__(self, model: nn.Module, state: AdapterState, backend, first: Trace):
+    def __init__(self, model: nn.Module, state: AdapterState, backend, first: Trace,
+                 optimize: Optimize | None = None):
         self._model, self._state, self._backend = model, state, backend
         self._cache: dict[tuple, list[Program]] = {}
         self._first: Trace | None = first
         self._catalog = first
         self._checkpointing: Checkpointing | None = None
         self._input_grads: str | None = None
+        self._optimize = optimize if optimize is not None else Optimize()
 
     def __len__(self) -> int:
         return sum(len(programs) for programs in self._cache.values())
@@ -147,6 +151,17 @@ class Programs:
         for program in self:
             program.fn = self._lower(program)
 
+    @property
+    def optimize(self) -> Optimize:
+        """The optimisation passes lowering runs."""
+        return self._optimize
+
+    def set_optimize(self, optimize: Optimize) -> None:
+        """Run ``optimize``'s passes from now on; built programs are lowered again (not traced)."""
+        self._optimize = optimize
+        for program in self:
+            program.fn = self._lower(program)
+
     def drop(self, stale: Callable[[Program], bool]) -> None:
         """Forget the programs ``stale`` picks (they are traced again when needed)."""
         self._cache = {k: kept for k, ps in self._cache.items() if (kept := [p for p in ps if not stale(p)])}
@@ -179,6 +194,7 @@ class Programs:
         gm, plan, prefix = program.gm, self._checkpointing, program.trace.prefix
         if self._input_grads is not None:
             gm = requiring_input_grads(gm, self._input_grads, prefix)
+        gm = self._optimize.apply(gm, program.trace.training)
         if plan is not None and program.trace.training:
             gm = checkpointed(gm, plan, prefix)
         return lower(gm, self._backend)
