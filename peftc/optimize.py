@@ -29,11 +29,15 @@ class Optimize:
         loss_chunk: tokens per chunk of logits for ``fused_loss``.
         fuse_lora_a: one matmul for the LoRA-A projections of sites that share an input
             (:mod:`peftc.passes.fuse_lora_a`).
+        dynamic: ``torch.compile``'s ``dynamic``: True compiles for any batch and sequence
+            length from the first call; None specialises on the first shapes and compiles
+            again, dynamically, when a second shape arrives.
     """
 
     fused_loss: bool = True
     loss_chunk: int = 1024
     fuse_lora_a: bool = False
+    dynamic: bool | None = True
 
     def __post_init__(self):
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:

@@ -197,4 +197,4 @@ class Programs:
         gm = self._optimize.apply(gm, program.trace.training)
         if plan is not None and program.trace.training:
             gm = checkpointed(gm, plan, prefix)
-        return lower(gm, self._backend)
+        return lower(gm, self._backend, self._optimize.dynamic)

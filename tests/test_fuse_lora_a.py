@@ -3,8 +3,6 @@ outputs and gradients within float32 rounding, for mixed ranks and gated adapter
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import VOCAB, make_llama
