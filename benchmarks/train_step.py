@@ -1,7 +1,7 @@
 """One training step (forward, backward, AdamW) side by side: frozen base, PEFT, peftc; eager and compiled.
 
     python benchmarks/train_step.py [--layers 4 --hidden 512 --seq 256 --batch 4 --vocab 32000]
-        [--steps 5] [--checkpointing] [--ablate] [--device cuda --dtype bfloat16] [--only eager]
+        [--steps 5] [--checkpointing] [--ablate [--ablate-compiled]] [--device cuda --dtype bfloat16] [--only eager]
 
 A Llama-architecture model (random weights), LoRA r=16 alpha=32 on all seven
 projections. Runs:
@@ -11,8 +11,9 @@ projections. Runs:
 - PEFT: ``get_peft_model``, and ``torch.compile(model)`` of it;
 - peftc: ``peftc.compile(backend="eager")`` and ``backend="inductor"`` (defaults:
   the fused LM-head loss on);
-- ``--ablate``: peftc inductor with the fused loss off, with ``fuse_lora_a`` on,
-  and with ``dynamic=None``.
+- ``--ablate``: peftc eager with the fused loss off and with ``fuse_lora_a`` on,
+  and peftc inductor with ``dynamic=None``; ``--ablate-compiled``: the two
+  switches compiled too.
 
 Each run gets the same batches, the runs interleaved step by step so machine
 noise hits all of them; medians after one warm-up step. "first s" is the time
@@ -56,7 +57,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--ablate", action="store_true", help="also peftc inductor variants (slow to compile)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also peftc with each pass switched (eager) and compiled with dynamic=None")
+    parser.add_argument("--ablate-compiled", action="store_true", help="the pass switches compiled too (slow)")
     parser.add_argument("--only", choices=["eager", "compiled"], default=None)
     args = parser.parse_args()
     import peft
@@ -102,10 +105,15 @@ def main() -> None:
         builders |= {"frozen base compiled": lambda: frozen(True), "PEFT compiled": lambda: with_peft(True),
                      "peftc compiled": lambda: with_peftc("inductor")(True)}
         if args.ablate:
+            builders["peftc compiled, dynamic=None"] = lambda: with_peftc("inductor", peftc.Optimize(dynamic=None))(1)
+    if args.ablate:  # each pass switched, eager (cheap to build) and, with --ablate-compiled, compiled
+        for backend, kind in (("eager", "eager"), ("inductor", "compiled")):
+            if args.only == ("compiled" if kind == "eager" else "eager") or (kind == "compiled"
+                                                                            and not args.ablate_compiled):
+                continue
             for label, opt in (("fused loss off", peftc.Optimize(fused_loss=False)),
-                               ("+fuse_lora_a", peftc.Optimize(fuse_lora_a=True)),
-                               ("dynamic=None", peftc.Optimize(dynamic=None))):
-                builders[f"peftc compiled, {label}"] = lambda opt=opt: with_peftc("inductor", opt)(True)
+                               ("+fuse_lora_a", peftc.Optimize(fuse_lora_a=True))):
+                builders[f"peftc {kind}, {label}"] = lambda b=backend, opt=opt: with_peftc(b, opt)(True)
 
     gen = torch.Generator().manual_seed(0)
     batches = [dict(input_ids=(ids := torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)),
