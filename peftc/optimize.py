@@ -26,7 +26,8 @@ class Optimize:
             chunked linear + cross-entropy (:mod:`peftc.passes.fused_loss`): the
             ``[batch, seq, vocab]`` logits are never held, and the output's ``logits``
             is None. Turn it off to read ``.logits`` of a training-mode call given labels.
-        loss_chunk: tokens per chunk of logits for ``fused_loss``.
+        loss_chunk: tokens per chunk of logits for ``fused_loss``; None: as many as make
+            2**23 logits (32 MiB in float32: 256 tokens at a 32000-word vocabulary).
         fuse_lora_a: one matmul for the LoRA-A projections of sites that share an input
             (:mod:`peftc.passes.fuse_lora_a`).
         dynamic: ``torch.compile``'s ``dynamic``: True compiles for any batch and sequence
@@ -35,12 +36,13 @@ class Optimize:
     """
 
     fused_loss: bool = True
-    loss_chunk: int = 1024
+    loss_chunk: int | None = None
     fuse_lora_a: bool = False
     dynamic: bool | None = True
 
     def __post_init__(self):
-        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
+        if self.loss_chunk is not None and (isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int)
+                                            or self.loss_chunk < 1):
             raise PeftcError(f"Optimize(loss_chunk={self.loss_chunk!r}): give a positive number of tokens, e.g. 1024")
 
     def apply(self, gm: fx.GraphModule, training: bool) -> fx.GraphModule:

@@ -42,11 +42,14 @@ _CASTS = (aten.to.dtype, aten._to_copy.default)
 _CHECKS = (aten._assert_tensor_metadata.default,)  # export's dtype assertions: read, compute nothing
 
 
-def fused_loss(gm: fx.GraphModule, chunk: int = 1024) -> fx.GraphModule:
+CHUNK_LOGITS = 2**23  # logits per chunk when no chunk is given: 32 MiB in float32
+
+
+def fused_loss(gm: fx.GraphModule, chunk: int | None = None) -> fx.GraphModule:
     """A graph module computing ``gm``'s loss without its logits (see the module docstring).
 
     Arguments:
-        chunk: tokens per chunk of logits.
+        chunk: tokens per chunk of logits; None: ``CHUNK_LOGITS // vocab`` (at least 1).
 
     Returns:
         A new graph module over ``gm``'s state; ``gm`` itself when no loss matches.
@@ -61,11 +64,12 @@ def fused_loss(gm: fx.GraphModule, chunk: int = 1024) -> fx.GraphModule:
             continue
         chain, linear, (ignore_index, reduction) = found
         h, weight = linear.args[0], linear.args[1]
+        tokens = chunk or max(1, CHUNK_LOGITS // linear.meta["val"].shape[-1])
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         with graph.inserting_before(loss):
             flat = graph.call_function(aten.reshape.default, (h, [-1, h.meta["val"].shape[-1]]))
             fused = graph.call_function(linear_cross_entropy, (flat, weight, bias, loss.args[1]),
-                                        {"ignore_index": ignore_index, "reduction": reduction, "chunk": chunk,
+                                        {"ignore_index": ignore_index, "reduction": reduction, "chunk": tokens,
                                          "dtype": loss.meta["val"].dtype})
         fused.meta = {k: v for k, v in loss.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
         loss.replace_all_uses_with(fused)
