@@ -45,6 +45,7 @@ from .match import linear as linear
 from .match import module as module
 from .match import op as op
 from .match import where as where
+from .optimize import Optimize as Optimize
 from .passes.builder import Builder as Builder
 from .pattern import PatternSite as PatternSite
 from .pattern import pattern as pattern

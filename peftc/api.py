@@ -30,6 +30,7 @@ def compile(
     modules_to_save: list[str] | None = None,
     quantize=None,
     reserve: Reserve | None = None,
+    optimize=None,
 ) -> CompiledModel:
     """Put adapters on ``model`` where ``rules`` say, and lower the result.
 
@@ -53,6 +54,10 @@ def compile(
             number of adapter slots), so that adding, loading, hot-swapping, switching and
             deleting LoRA adapters later compile nothing again (PEFT's
             ``prepare_model_for_compiled_hotswap``). The first adapter's sites are the room.
+        optimize: a :class:`peftc.Optimize` choosing the optimisation passes (default:
+            ``Optimize()``: the fused LM-head loss in training graphs). With the fused loss, a
+            training-mode call given ``labels`` returns ``logits=None``; pass
+            ``Optimize(fused_loss=False)`` to read them.
 
     Returns:
         A :class:`~peftc.CompiledModel`.
@@ -64,7 +69,8 @@ def compile(
         Nothing about ``model`` changes when an error is raised.
     """
     return CompiledModel(model, rules, example_inputs, backend=backend, adapter_name=adapter_name,
-                         modules_to_save=modules_to_save, quantize=quantize, reserve=reserve)
+                         modules_to_save=modules_to_save, quantize=quantize, reserve=reserve,
+                         optimize=optimize)
 
 
 def from_pretrained(

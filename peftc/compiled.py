@@ -60,7 +60,8 @@ class CompiledModel(PeftSurface, nn.Module):
 
     def __init__(self, model: nn.Module, rules, example_inputs=None, *, backend="inductor",
                  adapter_name: str = "default", modules_to_save: list[str] | None = None,
-                 trainable: bool = True, quantize=None, reserve: Reserve | None = None, _then=None):
+                 trainable: bool = True, quantize=None, reserve: Reserve | None = None, optimize=None,
+                 _then=None):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
@@ -82,7 +83,7 @@ class CompiledModel(PeftSurface, nn.Module):
         self.base_model = model
         self.state = AdapterState(model)
         self.peftc = self.state.root
-        self.programs = Programs(model, self.state, backend, first)
+        self.programs = Programs(model, self.state, backend, first, optimize)
         self._folded: Folded | None = None
         self._add(adapter_name, rules, modules_to_save, trainable, freeze_base=True, reserve=reserve,
                   then=None if _then is None else lambda: _then(self))

@@ -26,6 +26,7 @@ from torch import fx, nn
 from .boundary import Boundary
 from .errors import PeftcError
 from .match import discover
+from .optimize import Optimize
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
 from .passes.checkpoint import Checkpointing, checkpointed
@@ -66,9 +67,11 @@ class Programs:
         model: the user's model; state: its adapters; backend: for :func:`~peftc.passes.lower.lower`.
         first: the trace ``compile`` made; rules find their sites in it, and the first
             call that fits it reuses it instead of tracing again.
+        optimize: which optimisation passes lowering runs (default: :class:`~peftc.optimize.Optimize`'s).
     """
 
-    def __init__(self, model: nn.Module, state: AdapterState, backend, first: Trace):
+    def __init__(self, model: nn.Module, state: AdapterState, backend, first: Trace,
+                 optimize: Optimize | None = None):
         self._model, self._state, self._backend = model, state, backend
         self._cache: dict[tuple, list[Program]] = {}
         self._first: Trace | None = first
@@ -76,6 +79,7 @@ class Programs:
         self._checkpointing: Checkpointing | None = None
         self._input_grads: str | None = None
         self._sharding: Sharding | None = None
+        self._optimize = optimize if optimize is not None else Optimize()
 
     def copy_for(self, model: nn.Module, state: AdapterState) -> Programs:
         """An empty cache for a copy of the model and its adapters (``copy.deepcopy`` of a
@@ -86,7 +90,8 @@ class Programs:
         args, kwargs = t.ep.example_inputs
         if t.boundary:  # traced through the input boundary, which took the keyword inputs as one dict
             args, kwargs = (), dict(args[0])
-        new = Programs(model, state, self._backend, trace(model, tuple(args), dict(kwargs), t.signature))
+        new = Programs(model, state, self._backend, trace(model, tuple(args), dict(kwargs), t.signature),
+                       self._optimize)
         new._first = None  # the copy may be merged; its programs are traced as calls come
         new._checkpointing, new._input_grads = self._checkpointing, self._input_grads
         return new
@@ -187,6 +192,17 @@ class Programs:
         for program in self:
             program.fn = self._lower(program)
 
+    @property
+    def optimize(self) -> Optimize:
+        """The optimisation passes lowering runs."""
+        return self._optimize
+
+    def set_optimize(self, optimize: Optimize) -> None:
+        """Run ``optimize``'s passes from now on; built programs are lowered again (not traced)."""
+        self._optimize = optimize
+        for program in self:
+            program.fn = self._lower(program)
+
     def drop(self, stale: Callable[[Program], bool]) -> None:
         """Forget the programs ``stale`` picks (they are traced again when needed)."""
         self._cache = {k: kept for k, ps in self._cache.items() if (kept := [p for p in ps if not stale(p)])}
@@ -221,6 +237,7 @@ class Programs:
             gm = sharded(gm, self._sharding, prefix)
         if self._input_grads is not None:
             gm = requiring_input_grads(gm, self._input_grads, prefix)
+        gm = self._optimize.apply(gm, program.trace.training)
         if plan is not None and program.trace.training:
             gm = checkpointed(gm, plan, prefix)
-        return lower(gm, self._backend)
+        return lower(gm, self._backend, self._optimize.dynamic)

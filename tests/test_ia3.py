@@ -186,7 +186,7 @@ def test_mixed_batch_and_nan_in_an_inactive_adapter():
     cm.train()
     out = cm(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
-    assert torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.loss)  # (a training call with labels returns no logits: the fused loss)
     assert all(torch.isfinite(p.state.ia3_l.grad).all() for p in cm.sites if p.adapter_name == "default")
 
 

@@ -32,3 +32,12 @@ def over_state(gm: fx.GraphModule, graph: fx.Graph, modules: dict[str, nn.Module
     for name, child in holder.named_children():  # the constructor copied the containers: share them instead
         out.add_module(name, child)
     return out
+
+
+def copied(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s graph in a new graph module over ``gm``'s state, for a pass to edit in place."""
+    graph = empty_like(gm)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    return over_state(gm, graph)
