@@ -9,7 +9,11 @@ function, whenever the adapters or the merge state change.
 
 Which adapters are active lives in gate tensors, not in the graph, so
 switching adapters neither retraces nor recompiles. Only prompt and prefix
-adapters, which change sequence lengths, select a program of their own. The
+adapters, which change sequence lengths, select a program of their own.
+Batch and sequence dims are symbolic, so new shapes reuse a program; new
+signatures (another dtype, rank or constant argument) each add one, and the
+cache keeps the :data:`MAX_SIGNATURES` most recently used, dropping the
+least recently used beyond that (traced again if it comes back). The
 graphs hold the state's :attr:`~peftc.state.AdapterState.graph_placements`:
 with a :class:`~peftc.state.Reserve`, every reserved slot, so that adapters
 written into slots later change no graph.
@@ -41,6 +45,8 @@ from .passes.shard import Sharding, sharded
 from .passes.swap import swap_params
 from .state import AdapterState
 from .trace import Trace, signature, trace
+
+MAX_SIGNATURES = 32  # signatures (with their programs) a compiled model keeps; least recently used go first
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Programs:
         key = (sig, tuple(target for _, target in rewrites))
         for program in self._cache.get(key, ()):
             if program.trace.accepts(args, kwargs):
+                self._cache[key] = self._cache.pop(key)  # most recently used last
                 return program
         first, self._first = self._first, None  # reused at most once
         if first is not None and first.key == key and first.accepts(args, kwargs):
@@ -126,7 +133,9 @@ class Programs:
             with self._sharding.gathered() if self._sharding is not None else contextlib.nullcontext():
                 t = trace(self._model, args, kwargs, sig, boundary)
         program = self._build(t, folded)
-        self._cache.setdefault(key, []).append(program)
+        self._cache[key] = [*self._cache.pop(key, []), program]
+        while len(self._cache) > MAX_SIGNATURES:  # the least recently used signature goes
+            del self._cache[next(iter(self._cache))]
         return program
 
     def rebuild(self, folded: Folded | None) -> None:

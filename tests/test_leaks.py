@@ -55,3 +55,22 @@ def test_lifecycle_cycles_hold_a_bounded_number_of_programs_and_nodes():
     assert len(cm.programs) == 2
     # before the fix, each cycle left ~1,270 erased nodes alive in the graphs' name tables
     assert _live_nodes() - live <= 0
+
+
+def test_the_signature_cache_keeps_the_most_recently_used(monkeypatch):
+    import peftc.program
+
+    monkeypatch.setattr(peftc.program, "MAX_SIGNATURES", 2)
+    cm, _ = two_adapter_llama()
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = cm(input_ids=ids).logits
+        first = cm.program_for(input_ids=ids)
+        hidden = cm(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        cm(input_ids=ids)  # the plain signature is the most recent again
+        cm(input_ids=ids, return_dict=False)  # a third signature: the hidden-states one goes
+        assert len(cm.programs) == 2
+        assert cm.program_for(input_ids=ids) is first  # kept, not traced again
+        assert torch.equal(cm(input_ids=ids, output_hidden_states=True).hidden_states[-1], hidden)  # traced again
+        assert torch.equal(cm(input_ids=ids).logits, plain)
+    assert len(cm.programs) == 2
