@@ -34,7 +34,7 @@ from .optimize import Optimize
 from .passes.bias import attach_biases, detach_biases
 from .passes.builder import STATE_ROOT
 from .passes.checkpoint import Checkpointing, checkpointed
-from .passes.compact import compact
+from .passes.compact import compact, forget_sources, sources, sources_run_by
 from .passes.inline import inline_grad_regions
 from .passes.input_grads import requiring_input_grads
 from .passes.insert import insert_adapters, strip_adapters
@@ -114,8 +114,12 @@ class Programs:
         return out + [t for t in (self._first, self._catalog) if t is not None and t not in out]
 
     def catalog(self) -> fx.GraphModule:
-        """A graph of the first trace, for finding the sites of new rules."""
-        return graph_of(self._catalog)
+        """A graph of the first trace, for finding the sites of new rules (a throwaway: fx's
+        copies of its generated source are dropped at once)."""
+        before = sources()
+        gm = graph_of(self._catalog)
+        forget_sources(sources() - before)
+        return gm
 
     def select(self, args: tuple, kwargs: dict, rewrites: list, folded: Folded | None) -> Program:
         """The program for a call with these (normalised) inputs and active input rewrites."""
@@ -141,13 +145,20 @@ class Programs:
     def rebuild(self, folded: Folded | None) -> None:
         """Bring every built graph up to date with the adapters and the merge state:
         strip what peftc inserted, then insert the adapters (unmerged) or wire the
-        biases merging created (merged), and lower again."""
+        biases merging created (merged), and lower again. Rebuilding over and over must not
+        grow memory: the erased nodes are freed (:func:`compact`), and so are the sources of
+        the code the graphs ran before (:func:`forget_sources`)."""
+        before, ran = sources(), self._sources()
         for program in self:
             restore_reads(program.gm)
             strip_adapters(program.gm)
             detach_biases(program.gm)
-            compact(program.gm)  # free the erased nodes: rebuilding over and over must not grow memory
+            compact(program.gm)
             self._adapt(program, folded)
+        forget_sources(((sources() - before) | ran) - self._sources())
+
+    def _sources(self) -> set[str]:
+        return sources_run_by(m for p in self for m in (p.gm, p.fn))
 
     @property
     def checkpointing(self) -> Checkpointing | None:
@@ -220,10 +231,12 @@ class Programs:
         self._cache.clear()
 
     def _build(self, t: Trace, folded: Folded | None) -> Program:
+        before = sources()
         gm = graph_of(t)
         gm.add_module(STATE_ROOT, self._state.root)
         program = Program(t, gm, gm, traced_merged=folded is not None)
         self._adapt(program, folded)
+        forget_sources(sources() - before - sources_run_by([program.gm, program.fn]))
         return program
 
     def _adapt(self, program: Program, folded: Folded | None) -> None:

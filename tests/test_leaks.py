@@ -1,5 +1,6 @@
 """Rebuilding graphs over and over holds no more than one rebuild does: the programs, their
-nodes, and the ``fx.Node`` objects alive in the process stay the same over N lifecycle cycles."""
+nodes, the ``fx.Node`` objects alive in the process and fx's generated sources stay the same
+over N lifecycle cycles."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from conftest import VOCAB, two_adapter_llama
 from torch import fx
 
 import peftc
+from peftc.passes.compact import sources
 
 
 def _live_nodes() -> int:
@@ -48,10 +50,11 @@ def test_lifecycle_cycles_hold_a_bounded_number_of_programs_and_nodes():
         cm.eval()
         cycle()
         shape = [len(p.gm.graph.nodes) for p in cm.programs]
-        live = _live_nodes()
+        live, held = _live_nodes(), len(sources())
         for _ in range(6):
             cycle()
     assert [len(p.gm.graph.nodes) for p in cm.programs] == shape
+    assert len(sources()) <= held  # fx's copies of generated code: before the fix, dozens more a cycle
     assert len(cm.programs) == 2
     # before the fix, each cycle left ~1,270 erased nodes alive in the graphs' name tables
     assert _live_nodes() - live <= 0
