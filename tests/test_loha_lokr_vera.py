@@ -264,7 +264,7 @@ def test_adapters_switch_mix_and_keep_nan_out(kind):
     cm.train()
     out = cm(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
-    assert torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.loss)  # (no logits: the fused LM-head loss in training graphs)
     assert all(torch.isfinite(t.grad).all() for p in cm.sites if p.adapter_name == "default"
                for t in p.state.parameters())
 

@@ -199,6 +199,7 @@ def test_8bit_model_matches_peft_forward_training_step_and_merge(tmp_path, thres
     cm.eval()
     pm.eval()
     with torch.no_grad():
+        unmerged = cm(input_ids=ids, attention_mask=mask).logits  # after the step
         cm.merge()
         pm.merge_adapter()
         merged = cm(input_ids=ids, attention_mask=mask).logits
