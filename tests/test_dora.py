@@ -15,6 +15,7 @@ import peft
 import pytest
 import torch
 from conftest import BUILDERS, assert_unchanged, aten_ops, padded_batch, snapshot
+from conftest import no_grad_logits as logits
 from hypothesis import given, settings
 from peft import LoraConfig
 
@@ -24,11 +25,6 @@ from peftc.testing import strategies as pst
 
 ATOL = 1e-5
 PREFIX = "base_model.model."
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def randomise(pm, seed: int = 1, adapter: str = "default") -> None:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import assert_unchanged, make_llama, padded_batch, snapshot
+from conftest import no_grad_logits as logits
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounter
 
@@ -38,11 +39,6 @@ def dirs(tmp_path_factory):
 
 def peft_model(path, **kwargs):
     return peft.PeftModel.from_pretrained(make_llama(), path, **kwargs)
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def test_add_load_hotswap_switch_delete_compile_nothing(dirs):

@@ -20,6 +20,9 @@ from conftest import (
     padded_batch,
     snapshot,
 )
+from conftest import (
+    no_grad_logits as logits,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import IA3Config
@@ -31,11 +34,6 @@ from peftc.testing import strategies as pst
 
 ATOL = 1e-5
 PREFIX = "base_model.model."
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def randomise(pm, seed: int = 1, adapter: str = "default") -> None:

@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_unchanged, make_gpt2, make_llama, padded_batch, snapshot
+from conftest import no_grad_logits as logits
 from peft import LoraConfig, PeftModel
 
 import peftc
@@ -44,11 +45,6 @@ def build_pair(training: bool = False):
 @pytest.fixture(scope="module")
 def pair():
     return build_pair()
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def test_sites_counts_and_logits(pair):

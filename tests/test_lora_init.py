@@ -16,6 +16,7 @@ import peft
 import pytest
 import torch
 from conftest import BUILDERS, assert_unchanged, padded_batch, snapshot
+from conftest import no_grad_logits as logits
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
@@ -24,11 +25,6 @@ import peftc
 ATOL = 1e-5
 PREFIX = "base_model.model."
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def config_for(arch: str, init, **kwargs) -> LoraConfig:

@@ -14,17 +14,13 @@ import peft
 import pytest
 import torch
 from conftest import BUILDERS, copy_peft_weights, padded_batch
+from conftest import no_grad_logits as logits
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 import peftc
 
 ATOL = 1e-5
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def peft_lora_layers(pm) -> dict[str, LoraLayer]:
