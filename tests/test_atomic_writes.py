@@ -213,7 +213,7 @@ def test_a_save_into_a_read_only_folder(saved, monkeypatch):
         raise PermissionError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(PermissionError):
+    with pytest.raises(peftc.PeftcError, match=f"can't write into {folder}.*Read-only"):
         cm.save_pretrained(folder)
     assert _tree(folder) == files
     _assert_state(cm, state)

@@ -59,8 +59,15 @@ def remove_folders(made: list[Path]) -> None:
 
 
 def write_temporary(target: Path, write: Callable[[str], object]) -> Path:
-    """``write(path)`` into a new hidden sibling of ``target``; its path once complete."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    """``write(path)`` into a new hidden sibling of ``target``; its path once complete.
+
+    Raises:
+        PeftcError: ``target``'s folder refuses new files (read-only, say).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PeftcError(f"can't write into {target.parent}: {e}") from e
     os.close(fd)
     try:
         write(tmp)
