@@ -155,6 +155,9 @@ class DefaultLinears(Selector):
         return "every nn.Linear but the output head"
 
 
+_BNB_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what bitsandbytes' 4-bit quantizer takes
+
+
 def plan(spec: Quantize, model: nn.Module, sites: list[Site]) -> list[str]:
     """The module paths ``spec`` quantizes among ``sites`` (a trace's), checked before anything changes.
 
@@ -183,9 +186,10 @@ def plan(spec: Quantize, model: nn.Module, sites: list[Site]) -> list[str]:
         if site.path in head:
             raise QuantizationError(f"quantize selects {site.path}, whose weight is tied to the input embeddings; "
                                     "exclude it from the selector (& ~peftc.module(...))")
-        if not module.weight.is_floating_point() or module.weight.dim() != 2 or module.weight.numel() == 0:
+        if module.weight.dtype not in _BNB_FLOATS or module.weight.dim() != 2 or module.weight.numel() == 0:
             raise QuantizationError(f"{site.path}.weight is {module.weight.dtype} {tuple(module.weight.shape)}; "
-                                    "4-bit blocks hold a non-empty float matrix")
+                                    "bitsandbytes' 4-bit blocks hold a non-empty float32, float16 or bfloat16 "
+                                    "matrix. Cast the model (model.float()) or narrow the selector")
         if site.path not in paths:
             paths.append(site.path)
     return paths
@@ -222,9 +226,13 @@ def quantize_modules(model: nn.Module, spec: Quantize, paths: list[str], progres
     together. The bias (if any) is the same ``Parameter`` object as before. The
     model is marked ``is_loaded_in_4bit``, as transformers marks the models it quantizes.
 
+    :func:`plan` has checked every weight against what bitsandbytes takes, so this
+    fails only on what no check can foresee (memory running out, an interrupt).
+
     Raises:
         QuantizationError: bitsandbytes failed on a weight. The layers before it are
-            quantized by then (their float weights are gone); the message names them.
+            quantized by then (their float weights are gone, which is the point of
+            going layer by layer); the message names them.
     """
     bnb = _bitsandbytes()
     done: list[str] = []

@@ -388,6 +388,15 @@ def test_selecting_a_weight_bitsandbytes_cant_hold_changes_nothing():
     assert_unchanged(model, before)
 
 
+def test_a_weight_of_a_dtype_bitsandbytes_cant_quantize_is_named_before_any_layer_changes():
+    model = make_llama().double()
+    before = snapshot(model)
+    with pytest.raises(peftc.QuantizationError, match=r"layers\.0\.self_attn\.q_proj\.weight is torch\.float64.*model\.float"):
+        peftc.compile(model, _rules(), backend="eager", quantize="nf4")
+    assert_unchanged(model, before)
+    assert not _packed(model)
+
+
 def test_bad_rules_leave_the_model_unquantized():
     model = make_llama()
     before = snapshot(model)
