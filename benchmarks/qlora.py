@@ -9,6 +9,7 @@ Each variant runs in a process of its own, so that its peak memory is its own:
 
 - ``PEFT``: transformers-style ``Linear4bit`` modules (the same quantization),
   ``prepare_model_for_kbit_training`` (no checkpointing) + ``get_peft_model``;
+- ``PEFT (inductor)``: the same, under ``torch.compile`` (with ``--compile``);
 - ``peftc (eager)`` / ``peftc (inductor)``: ``peftc.compile(model, lora, quantize="nf4")``.
 
 Prints the bytes of the quantized linear weights against their float32 bytes,
@@ -64,12 +65,14 @@ def run_variant(name: str, args) -> dict:
                       if isinstance(m, torch.nn.Linear) and n != "lm_head")
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                            init_lora_weights=False)
-    if name == "PEFT":  # the same Linear4bit modules peftc's quantize= makes
+    if name.startswith("PEFT"):  # the same Linear4bit modules peftc's quantize= makes
         spec = Quantize("nf4")
         quantize_modules(model, spec, [n for n, m in model.named_modules()
                                        if isinstance(m, torch.nn.Linear) and n != "lm_head"])
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = peft.get_peft_model(model, lora).train()
+        if "inductor" in name:
+            model = torch.compile(model)
     else:
         model = peftc.compile(model, lora, backend="inductor" if "inductor" in name else "eager",
                               quantize="nf4").train()
@@ -106,13 +109,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="also peftc lowered with inductor (slow on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also PEFT under torch.compile and peftc lowered with inductor (slow on CPU)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
-    names = ["PEFT", "peftc (eager)"] + (["peftc (inductor)"] if args.compile else [])
+    names = ["PEFT", "peftc (eager)"] + (["PEFT (inductor)", "peftc (inductor)"] if args.compile else [])
     results = {}
     for name in names:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name],

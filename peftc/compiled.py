@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.distributed.fsdp import FSDPModule
 
 from .errors import CapacityError, MergeError, PeftcError, RuleError
 from .formats import export as export_format
@@ -124,6 +125,12 @@ class CompiledModel(PeftSurface, nn.Module):
         return program.fn(*call_args, **call_kwargs)
 
     def _select(self, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict]:
+        if self.programs.sharding is None and isinstance(self, FSDPModule):
+            raise PeftcError("torch's fully_shard (or Accelerate's FSDP plugin, in accelerator.prepare) sharded "
+                             "this compiled model, but its graphs still read the whole weights. Shard it with "
+                             "peftc.distributed.fully_shard(cm) instead (before accelerator.prepare: Accelerate "
+                             "keeps a model that is sharded already), or call that after your own per-layer "
+                             "fully_shard calls")
         rewrites = self.state.rewrites(self.state.active_names)
         kwargs = with_defaults(self.base_model, kwargs)
         if rewrites or needs_boundary(self.base_model, kwargs):  # the input boundary takes keywords only

@@ -284,7 +284,8 @@ def _explain(model, args, kwargs, error: Exception) -> str:
     if any(isinstance(p, DTensor) for p in model.parameters()):
         hint = ("the model's parameters are DTensor shards (torch's fully_shard, FSDP2), which export can't trace. "
                 "Compile the unsharded model, then shard it with peftc.distributed.fully_shard(cm, mesh): "
-                "it shards each layer and makes the graph gather the shards")
+                "it shards each layer and makes the graph gather the shards. With Accelerate's FSDP plugin, "
+                "call it before accelerator.prepare(cm): Accelerate keeps a model that is sharded already")
     elif "Int8Params" in text or "Params4bit" in text or "attribute 'CB'" in text or "attribute 'SCB'" in text:
         hint = ("the model holds bitsandbytes-quantized weights outside the Linear4bit and Linear8bitLt layers "
                 "peftc traces through (a custom quantized layer?). Load the model with "

@@ -174,3 +174,17 @@ def test_the_users_own_per_layer_calls_are_kept(group):
     assert all(fully_shard.state(layer) is not None for layer in layers)
     torch.testing.assert_close(cm(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss,
                                atol=1e-6, rtol=0)
+
+
+def test_a_root_sharded_behind_peftcs_back_is_refused_not_run_unsharded(group):
+    """Accelerate's FSDP2 plugin shards the embeddings, the tail and the root of a model it is handed;
+    the graph of a signature already traced would go on reading the whole weights. The call says so."""
+    from torch.distributed.fsdp import fully_shard
+
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    cm = peftc.compile(make_llama(), RULES, backend="eager").train()
+    cm(input_ids=ids, labels=ids)  # this signature's graph exists: no new trace would stop the next call
+    fully_shard(cm.base_model.model.embed_tokens)
+    fully_shard(cm)
+    with pytest.raises(peftc.PeftcError, match="before accelerator.prepare"):
+        cm(input_ids=ids, labels=ids)
