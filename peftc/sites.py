@@ -61,6 +61,12 @@ class Conv:
     def dims(self) -> int:
         return len(self.kernel)
 
+    def op(self, padding: tuple[int, ...] | list[int] | str):
+        """The ``aten.conv1d/2d/3d`` overload (non-transposed) that takes ``padding``: ``.padding``
+        for ``"same"``/``"valid"``, else ``.default``."""
+        family = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[self.dims]
+        return family.padding if isinstance(padding, str) else family.default
+
 
 @dataclass
 class Site:

@@ -58,7 +58,7 @@ from torch import nn
 from ..errors import MergeError, RuleError
 from ..sites import CONVOLUTION
 from ..storage import is_packed, read_as
-from .base import Adapter, check_rank_alpha, pattern_value, widen
+from .base import Adapter, check_rank_alpha, conv_refusal, pattern_value, widen
 
 aten = torch.ops.aten
 EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
@@ -66,7 +66,6 @@ EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
 _INITS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _COMBINATIONS = ("linear", "cat", "svd")
-_CONV = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}
 
 
 class _LowRank(nn.Module):
@@ -202,11 +201,9 @@ class LoRA(Adapter):
         """Why PEFT's LoRA for Conv1d/2d/3d doesn't fit this convolution, if it doesn't."""
         conv, (r, _) = site.conv, self.rank_and_alpha(site)
         leave_out = f"leave {site.path} out of the targets"
-        if conv.transposed:
-            return f"PEFT 0.21 has no LoRA for transposed convolutions ({site.op}); {leave_out}"
-        if conv.padding_mode != "zeros":
-            return (f"its padding_mode is {conv.padding_mode!r}, but PEFT's lora_A pads with zeros, so peftc "
-                    f"can't give PEFT's numbers there; {leave_out} or use padding_mode='zeros'")
+        why = conv_refusal(site, "LoRA")
+        if why:
+            return why
         if any(d != 1 for d in conv.dilation) and any(k != 1 for k in conv.kernel):
             return (f"its dilation is {conv.dilation}; PEFT's lora_A takes the kernel, stride and padding but not "
                     f"the dilation, so its output doesn't fit the convolution's; {leave_out}")
@@ -324,11 +321,10 @@ class LoRA(Adapter):
             x = b.call(aten.where.ScalarOther, b.row_mask(b.x), x, 0)
         if b.training and self.dropout > 0:
             x = b.call(aten.dropout.default, x, self.dropout, True)
-        op = _CONV[conv.dims]
         padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
-        a = b.call(op.padding if isinstance(padding, str) else op.default, x, b.param("lora_A"), None,
-                   list(conv.stride), padding, ones, 1)
-        d = b.call(op.default, a, b.param("lora_B"), None, ones, [0] * conv.dims, ones, conv.groups)
+        a = b.call(conv.op(padding), x, b.param("lora_A"), None, list(conv.stride), padding, ones, 1)
+        zeros = [0] * conv.dims
+        d = b.call(conv.op(zeros), a, b.param("lora_B"), None, ones, zeros, ones, conv.groups)
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
