@@ -16,11 +16,15 @@ import peft
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoHaConfig, LoKrConfig, PeftModel
 from torch import nn
 
 import peftc
 from peftc.errors import RuleError
+from peftc.testing import assert_merge_equivalent, assert_unmerge_restores
+from peftc.testing import strategies as pst
 
 TARGETS = ["c1", "wide1", "point1", "c2", "grouped", "point2"]
 
@@ -207,3 +211,25 @@ def test_native_rules_on_convolutions():
                        example_inputs=inputs(), backend="eager")
     assert sorted(p.path for p in cm.sites) == ["c1", "c2", "point1", "point2", "wide1"]
     close(run(cm), before, 1e-6)  # PEFT's default inits: a no-op
+
+
+CONV_KINDS = st.one_of(
+    st.builds(peftc.LoRA, r=st.integers(1, 3), alpha=st.sampled_from([1, 2, 5.5]), init=st.just(False),
+              dropout=st.just(0.0)),
+    st.builds(peftc.LoHa, r=st.integers(1, 3), init=st.just(False), use_effective_conv2d=st.booleans()),
+    st.builds(peftc.LoKr, r=st.integers(1, 3), init=st.just(False), use_effective_conv2d=st.booleans(),
+              decompose_both=st.booleans()),
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=pst.cases(adapters=CONV_KINDS, select=peftc.convolution, kinds=("conv",)))
+def test_merge_and_unmerge_properties_on_convolutions(case):
+    """Random 1-, 2- and 3-D convolution stacks (kernels, strides, paddings, biases, dtypes):
+    merging leaves the outputs, unmerging the weights. LoHa and LoKr have no Conv3d (PEFT's)."""
+    if case.model.spec["dims"] == 3 and not all(isinstance(r.adapter, peftc.LoRA) for r in case.rules):
+        with pytest.raises(RuleError, match="not Conv3d"):
+            peftc.compile(case.model, case.rules, example_inputs=case.inputs, backend="eager")
+        return
+    assert_merge_equivalent(case.model, case.rules, case.inputs)
+    assert_unmerge_restores(case.model, case.rules, case.inputs)

@@ -207,3 +207,20 @@ def test_pissa_on_a_convolution_raises():
     with pytest.raises(RuleError, match="conv.*init='pissa' starts from linear weights only"):
         peftc.compile(model, [peftc.LoRA(r=2, init="pissa").on(peftc.convolution())],
                       example_inputs=(torch.randn(1, 4, 6, 6),), backend="eager")
+
+
+def test_reserved_slots_take_smaller_ranks_but_not_on_grouped_convolutions(tmp_path):
+    """A reserved slot pads a smaller rank with zeros; a grouped lora_B splits the rank by group,
+    so there only the slot's own rank fits."""
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c2", "point"], init_lora_weights=False)
+    peft.get_peft_model(Convs(groups=1), copy.deepcopy(config)).save_pretrained(tmp_path / "small")
+    cm = peftc.compile(Convs(groups=1), [peftc.LoRA(r=4).on(peftc.convolution("c1|c2|point"))],
+                       example_inputs=inputs(), backend="eager", reserve=peftc.Reserve(max_rank=4, slots=2))
+    cm.load_adapter(tmp_path / "small", "small")
+    cm.set_adapter("small")
+    close(outputs(cm.eval(), inputs()), outputs(PeftModel.from_pretrained(Convs(groups=1), tmp_path / "small"),
+                                                inputs()))
+    grouped = peftc.compile(Convs(), [peftc.LoRA(r=4).on(peftc.convolution("grouped"))], example_inputs=inputs(),
+                            backend="eager", reserve=peftc.Reserve(max_rank=4, slots=2))
+    with pytest.raises(peftc.CapacityError, match="grouped.*groups=2.*reserve rank 2 exactly"):
+        grouped.add_adapter("small", [peftc.LoRA(r=2).on(peftc.convolution("grouped"))])
