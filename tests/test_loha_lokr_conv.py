@@ -15,7 +15,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import OneModule, assert_unchanged, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoHaConfig, LoKrConfig, PeftModel
@@ -179,15 +179,6 @@ def test_checkpoints_both_ways(name, tmp_path):
     close(run(cm2), want)
 
 
-class One(nn.Module):
-    def __init__(self, conv: nn.Module):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 @pytest.mark.parametrize(("conv", "shape", "match"), [
     (nn.Conv3d(4, 4, 3), (1, 4, 5, 5, 5), "conv.*adapts Conv1d and Conv2d, not Conv3d"),
     (nn.ConvTranspose2d(4, 4, 3), (1, 4, 5, 5), "conv.*no (LoHa|LoKr) for transposed convolutions"),
@@ -195,7 +186,7 @@ class One(nn.Module):
 ], ids=["conv3d", "transposed", "padding-mode"])
 @pytest.mark.parametrize("kind", [LoHaConfig, LoKrConfig])
 def test_a_convolution_peft_refuses_raises(conv, shape, match, kind):
-    model = One(conv)
+    model = OneModule(conv)
     before = snapshot(model)
     with pytest.raises(RuleError, match=match):
         peftc.compile(model, kind(r=2, target_modules=["conv"]), example_inputs=(torch.randn(shape),),

@@ -14,7 +14,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import assert_unchanged, copy_peft_weights, snapshot
+from conftest import OneModule, assert_unchanged, copy_peft_weights, snapshot
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -178,15 +178,6 @@ def test_peftc_selectors_and_default_init():
     close(outputs(cm, inputs()), before, 1e-6)  # B starts at zero: a no-op
 
 
-class Refused(nn.Module):
-    def __init__(self, conv: nn.Module):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 @pytest.mark.parametrize(("conv", "r", "match"), [
     (nn.ConvTranspose2d(4, 4, 3), 2, "conv.*no LoRA for transposed convolutions"),
     (nn.Conv2d(4, 4, 3, dilation=2), 2, "conv.*dilation"),
@@ -194,7 +185,7 @@ class Refused(nn.Module):
     (nn.Conv2d(4, 4, 3, groups=4), 2, "conv.*groups=4 don't divide the rank 2"),
 ], ids=["transposed", "dilation", "padding-mode", "rank-not-divisible-by-groups"])
 def test_a_convolution_peft_refuses_raises(conv, r, match):
-    model = Refused(conv)
+    model = OneModule(conv)
     before = snapshot(model)
     with pytest.raises(RuleError, match=match):
         peftc.compile(model, LoraConfig(r=r, target_modules=["conv"]), example_inputs=(torch.randn(1, 4, 6, 6),),
@@ -203,7 +194,7 @@ def test_a_convolution_peft_refuses_raises(conv, r, match):
 
 
 def test_pissa_on_a_convolution_raises():
-    model = Refused(nn.Conv2d(4, 4, 3))
+    model = OneModule(nn.Conv2d(4, 4, 3))
     with pytest.raises(RuleError, match="conv.*init='pissa' starts from linear weights only"):
         peftc.compile(model, [peftc.LoRA(r=2, init="pissa").on(peftc.convolution())],
                       example_inputs=(torch.randn(1, 4, 6, 6),), backend="eager")

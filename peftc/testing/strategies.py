@@ -130,7 +130,29 @@ def _layer(form: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
     return layer
 
 
-class TinyMLP(nn.Module):
+class _Specced(nn.Module):
+    """A model whose repr is its class name and ``spec``, the arguments that rebuild it."""
+
+    spec: dict
+
+    def __repr__(self):
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
+
+
+class _Stack(_Specced):
+    """``layers`` in order, tanh between them."""
+
+    layers: nn.ModuleList
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class TinyMLP(_Stack):
     """``layers.i`` are linear maps of the given forms, tanh between them. Input ``[batch, widths[0]]``."""
 
     def __init__(self, widths: list[int], forms: list[str], biases: list[bool], seed: int = 0,
@@ -145,16 +167,6 @@ class TinyMLP(nn.Module):
             )
         self.to(dtype).eval()
         self.input_width, self.sequence = widths[0], False
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
-
-    def __repr__(self):
-        return "TinyMLP(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
 
 
 class Attention(nn.Module):
@@ -194,7 +206,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(_Specced):
     """Pre-norm blocks at ``model.layers.i`` (``self_attn.{q,k,v,o}_proj``, ``mlp.{up,down}_proj``)
     and an ``lm_head``. Input ``[batch, length, heads * head_dim]`` floats. LayerNorms use
     ``eps=NORM_EPS`` (0.1) so that rounding differences stay within tolerances."""
@@ -219,14 +231,11 @@ class TinyTransformer(nn.Module):
             x = layer(x)
         return self.lm_head(self.model.norm(x))
 
-    def __repr__(self):
-        return "TinyTransformer(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
-
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-class TinyConvNet(nn.Module):
+class TinyConvNet(_Stack):
     """``layers.i`` are ``dims``-D convolutions, tanh between them; ``layers[i]`` is
     ``(out channels, kernel, stride, padding, bias)`` (padding an int or ``"same"``). Input
     ``[batch, channels, size, ...]`` (:attr:`input_shape`, batch None)."""
@@ -239,20 +248,11 @@ class TinyConvNet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             widths = [channels] + [out for out, *_ in layers]
-            self.layers = nn.ModuleList(_CONVS[dims](a, out, kernel, stride, padding, bias=bias)
-                                        for a, (out, kernel, stride, padding, bias) in zip(widths[:-1], layers, strict=True))
+            self.layers = nn.ModuleList(
+                _CONVS[dims](a, out, kernel, stride, padding, bias=bias)
+                for a, (out, kernel, stride, padding, bias) in zip(widths[:-1], layers, strict=True))
         self.to(dtype).eval()
         self.input_shape = (None, channels, *[size] * dims)
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
-
-    def __repr__(self):
-        return "TinyConvNet(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
 
 
 @st.composite
