@@ -176,6 +176,10 @@ def test_peftc_selectors_and_default_init():
     assert sorted(p.path for p in cm.sites) == ["c1", "c2", "c3", "point"]
     assert all(torch.count_nonzero(p.state.lora_B) == 0 for p in cm.sites)
     close(outputs(cm, inputs()), before, 1e-6)  # B starts at zero: a no-op
+    from_file = peftc.compile(Convs(groups=1), {"rules": [{"adapter": {"kind": "lora", "r": 2},
+                                                           "select": {"convolution": "c.|point", "layers": None}}]},
+                              example_inputs=inputs(), backend="eager")
+    assert sorted(p.path for p in from_file.sites) == ["c1", "c2", "c3", "point"]
 
 
 @pytest.mark.parametrize(("conv", "r", "match"), [
