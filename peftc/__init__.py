@@ -39,6 +39,7 @@ from .errors import RuleError as RuleError
 from .errors import TraceError as TraceError
 from .match import Selector as Selector
 from .match import attention as attention
+from .match import convolution as convolution
 from .match import embedding as embedding
 from .match import input_embeddings as input_embeddings
 from .match import linear as linear

@@ -254,6 +254,11 @@ def embedding(pattern: str | None = None) -> Selector:
     return _Where("embedding", pattern, None, None, kinds=("embedding",))
 
 
+def convolution(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
+    """Convolutions (``aten.conv1d/2d/3d`` and the transposed ones) whose module path full-matches ``pattern``."""
+    return _Where("convolution", pattern, layers, layers_pattern, kinds=("convolution",))
+
+
 def input_embeddings() -> Selector:
     """The lookup of the model's input embeddings (``model.get_input_embeddings()``)."""
     return _Predicate(lambda s: s.input_embedding, "input_embeddings()")

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .errors import PeftcError, QuantizationError, RuleError, first_line
 from .match import Selector
 from .quiet import hide_progress
+from .sites import input_embeddings_of
 from .storage import bind, bits, is_packed, read_as, value
 
 if TYPE_CHECKING:
@@ -202,8 +203,7 @@ def _output_head(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(head) in names:
         out.add(names[id(head)])
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = getattr(embed, "weight", None)
+    tied = getattr(input_embeddings_of(model), "weight", None)
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear) and tied is not None and m.weight is tied:
             out.add(path)

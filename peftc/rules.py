@@ -11,7 +11,7 @@ A ``"quantize"`` key stores the frozen linears in 4 bits (QLoRA): ``"nf4"``, or
 ``{"quant_type": "nf4", "double_quant": true, "compute_dtype": "bfloat16",
 "blocksize": 64, "select": {...}}`` (see :class:`peftc.Quantize`).
 
-``select`` is ``{"linear" | "module": regex or null, "layers": [...],
+``select`` is ``{"linear" | "convolution" | "module": regex or null, "layers": [...],
 "layers_pattern": name}``, ``{"op": [names]}``, or ``{"any" | "all": [selects]}``
 and ``{"not": select}`` for composition. A PEFT ``adapter_config.json`` (or a
 ``LoraConfig``) is accepted anywhere rules are; :mod:`peftc.peft_config`
@@ -158,13 +158,13 @@ def _selector_from_dict(data: dict) -> match.Selector:
     if "op" in data:
         names = data["op"]
         return match.op(*([names] if isinstance(names, str) else names))
-    for kind in ("linear", "module"):
+    for kind in ("linear", "convolution", "module"):
         if kind in data:
             extra = set(data) - {kind, "layers", "layers_pattern"}
             if extra:
                 raise RuleError(f"unknown selector keys {sorted(extra)} in {data!r}")
             return getattr(match, kind)(data[kind], data.get("layers"), data.get("layers_pattern"))
-    raise RuleError(f"unknown selector {data!r}: use linear, module, op, any, all or not")
+    raise RuleError(f"unknown selector {data!r}: use linear, convolution, module, op, any, all or not")
 
 
 def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:

@@ -10,6 +10,10 @@ Linear-like ops are recognised in every form models write them::
     aten.addmm(b, x, W[in,out])          GPT-2's Conv1D               layout "in_out"
     aten.matmul(x, W[in,out]) / mm       a bare x @ W                 layout "in_out"
     aten.matmul(x, t(W[out,in])) / mm    x @ W.T                      layout "out_in"
+
+Convolutions (``aten.conv1d/2d/3d``, their ``padding="same"`` overloads, ``aten.convolution``
+and the transposed ones) are ``"convolution"`` sites, one per weight, with their bias and
+geometry (:class:`Conv`) read from the op's arguments.
 """
 
 from __future__ import annotations
@@ -26,8 +30,42 @@ aten = torch.ops.aten
 
 LINEAR = "linear"
 ATTENTION = "attention"
+CONVOLUTION = "convolution"
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _SDPA = {aten.scaled_dot_product_attention.default}
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+@dataclass(frozen=True)
+class Conv:
+    """How a convolution op applies its weight (each tuple has one entry per spatial dim).
+
+    Attributes:
+        kernel: the kernel's size.
+        stride, dilation: as the op has them.
+        padding: per dim, or ``"same"`` / ``"valid"``.
+        groups: the op's groups.
+        transposed: a transposed convolution (``ConvTranspose``).
+        padding_mode: the module's ``padding_mode`` (``"zeros"`` unless it pads by itself).
+    """
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel)
+
+    def op(self, padding: tuple[int, ...] | list[int] | str):
+        """The ``aten.conv1d/2d/3d`` overload (non-transposed) that takes ``padding``: ``.padding``
+        for ``"same"``/``"valid"``, else ``.default``."""
+        family = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[self.dims]
+        return family.padding if isinstance(padding, str) else family.default
 
 
 @dataclass
@@ -42,10 +80,11 @@ class Site:
         op: the ATen op of the first node (``aten.linear.default``).
         layout: ``"out_in"`` or ``"in_out"``: how the weight is stored for linear ops.
         in_features, out_features: the linear map's sizes; for an ``"embedding"`` lookup,
-            the table's rows and width; 0 otherwise.
+            the table's rows and width; for a ``"convolution"``, its in and out channels; 0 otherwise.
         dtype, device: the weight's.
         layer: the layer index of ``path`` (PEFT's rule), or None.
         nodes: names of the graph nodes at this site, in graph order.
+        conv: a ``"convolution"`` site's geometry, else None.
         has_bias: whether the op adds a bias.
         bias_name: the bias parameter's name in the module (None if it has none).
         heads, head_dim: key heads and head size at an ``"attention"`` site.
@@ -67,6 +106,7 @@ class Site:
     device: torch.device = torch.device("cpu")
     layer: int | None = None
     nodes: list[str] = field(default_factory=list)
+    conv: Conv | None = None
     has_bias: bool = False
     bias_name: str | None = None
     heads: int = 0
@@ -101,6 +141,8 @@ class Site:
         shape = f"{self.in_features}->{self.out_features}" if self.is_linear else self.kind
         if self.kind == ATTENTION:
             shape = f"{self.heads} heads x {self.head_dim}"
+        if self.conv is not None:
+            shape = f"{self.in_features}->{self.out_features} kernel {self.conv.kernel}"
         return f"{self.path} [{self.op} {shape}]"
 
 
@@ -163,6 +205,15 @@ def _is_last_two_swap(node: fx.Node) -> bool:
     return list(node.args[1]) in ([1, 0], [-1, -2])
 
 
+def input_embeddings_of(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``; None for a model without input embeddings (a plain
+    module, or a transformers vision model, whose method raises NotImplementedError)."""
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+
+
 def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[Site]:
     """Every parameter-consuming op and attention op of ``gm``, grouped by weight, in graph order.
 
@@ -174,8 +225,7 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
     # The model's own parameters only: adapter state the graph also holds is never a site.
     params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)
               if n.startswith(prefix) and id(p) in owners}
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    embed_weight = getattr(embed, "weight", None)
+    embed_weight = getattr(input_embeddings_of(model), "weight", None)
     sites: dict[str, Site] = {}
     # Linear-like uses first: a weight read by a linear op is a linear site, whatever else reads it.
     for node in gm.graph.nodes:
@@ -209,6 +259,11 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
                         projections=projections)
             sites.setdefault(path, site).nodes.append(node.name)
             continue
+        if _is_conv(node):
+            if _param(node.args[1]) and node.args[1].target in params:
+                site = _conv_site(node, params[node.args[1].target], model, owners, prefix)
+                sites.setdefault(site.weight_path, site).nodes.append(node.name)
+            continue
         for arg in node.args:
             if not (_param(arg) and arg.target in params):
                 continue
@@ -227,6 +282,40 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             )
             site.nodes.append(node.name)
     return list(sites.values())
+
+
+def _is_conv(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name.removeprefix(
+        "aten::") in _CONV_OPS
+
+
+def _conv_site(node: fx.Node, weight: torch.Tensor, model: nn.Module, owners, prefix: str) -> Site:
+    """The site of a convolution op's weight: channels, bias and geometry from its arguments
+    (the schema's defaults where the graph leaves them out)."""
+    path, wname = _site_name(node, weight, node.args[1].target, model, owners, prefix)
+    given = {a.name: node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)
+             for i, a in enumerate(node.target._schema.arguments)}
+    dims = weight.dim() - 2
+
+    def per_dim(v) -> tuple[int, ...]:
+        v = [v] if isinstance(v, int) else list(v)
+        return tuple(int(i) for i in (v * dims if len(v) == 1 else v))
+
+    transposed = "transpose" in node.target._schema.name or bool(given.get("transposed"))
+    groups = int(given["groups"])
+    padding = given["padding"] if isinstance(given["padding"], str) else per_dim(given["padding"])
+    try:
+        padding_mode = getattr(model.get_submodule(path), "padding_mode", "zeros") if path else "zeros"
+    except AttributeError:
+        padding_mode = "zeros"
+    conv = Conv(tuple(int(k) for k in weight.shape[2:]), per_dim(given["stride"]), padding,
+                per_dim(given["dilation"]), groups, transposed, padding_mode)
+    rows, cols = int(weight.shape[0]), int(weight.shape[1]) * groups
+    in_f, out_f = (rows, cols) if transposed else (cols, rows)
+    bias = given["bias"]
+    return Site(path, wname, CONVOLUTION, _op_name(node), in_features=in_f, out_features=out_f,
+                dtype=weight.dtype, device=weight.device, layer=layer_index(path), conv=conv,
+                has_bias=bias is not None, bias_name=_bias_name(bias, path, prefix))
 
 
 def attention_projections(node: fx.Node) -> dict[str, fx.Node]:

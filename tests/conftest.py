@@ -392,3 +392,14 @@ def clone_model(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return copy.deepcopy(model)
+
+
+class OneModule(nn.Module):
+    """``module`` at the path ``conv``, called on the input: a target for refusal tests."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.conv = module
+
+    def forward(self, x):
+        return self.conv(x)

@@ -203,14 +203,14 @@ def test_plain_mlp():
 
 def test_conv_model_lora_on_linear_head_only():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    m = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 5))
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(peftc.RuleError, match="conv"):
+    with pytest.raises(peftc.RuleError, match="transposed convolutions"):
         peftc.compile(m, [peftc.LoRA(r=4).on(peftc.module("0"))], example_inputs=(x,), backend="eager")
     assert all(p.requires_grad for p in m.parameters())
     cm = peftc.compile(m, [peftc.LoRA(r=4, init=False).on(peftc.linear())], example_inputs=(x,),
                        backend="eager")
-    assert [(p.path, p.site.in_features, p.site.out_features) for p in cm.sites] == [("3", 144, 5)]
+    assert [(p.path, p.site.in_features, p.site.out_features) for p in cm.sites] == [("3", 400, 5)]
     with torch.no_grad():
         feats = m[2](m[1](m[0](x))).double()
         ref = feats @ m[3].weight.double().T + m[3].bias.double() + lora_term(feats, cm.sites[0].state)

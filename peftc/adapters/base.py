@@ -281,6 +281,19 @@ def pattern_value(patterns: dict, site: Site, default):
     return default
 
 
+def conv_refusal(site: Site, label: str) -> str | None:
+    """Why no PEFT kind adapts this convolution as its own op, or None: PEFT wraps Conv1d/2d/3d,
+    not transposed ones, and applies its adapter to the unpadded input with zero padding, which
+    differs from a convolution whose module pads by itself (``padding_mode`` other than zeros)."""
+    conv, leave_out = site.conv, f"leave {site.path} out of the targets"
+    if conv.transposed:
+        return f"PEFT 0.21 has no {label} for transposed convolutions ({site.op}); {leave_out}"
+    if conv.padding_mode != "zeros":
+        return (f"its padding_mode is {conv.padding_mode!r}, but PEFT's {label} pads with zeros, so peftc "
+                f"can't give PEFT's numbers there; {leave_out} or use padding_mode='zeros'")
+    return None
+
+
 def widen(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the dtype merges compute in: float64 stays, everything else is float32."""
     return t.double() if t.dtype == torch.float64 else t.float()

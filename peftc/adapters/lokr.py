@@ -10,6 +10,11 @@ with ``decompose_both``. Saved under PEFT's names (``lokr_w1`` or ``lokr_w1_a``/
 
 Initialisation, as PEFT's: ``init=True`` zeros ``w1`` (``w1_a``) and draws the rest
 Kaiming-uniform; ``"lycoris"`` zeros ``w2`` (``w2_b``) instead; ``False`` draws everything.
+
+At a convolution ``in`` is ``in / groups``; ``w2`` carries the kernel: full ``[k, n, *kernel]``,
+or ``w2_a [k, r] @ w2_b [r, n * prod(kernel)]``, or with ``use_effective_conv2d`` (a kernel
+larger than 1) ``einsum(t2 [r, r, *k], w2_a [r, k], w2_b [r, n])``; ``w1`` then gains unit
+kernel dims for the Kronecker product, as PEFT's does.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ class LoKr(Lycoris):
 
     def __init__(self, r: int = 8, alpha: float = 8, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  init=True, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                 decompose_both: bool = False, decompose_factor: int = -1, rank_dropout_scale: bool = False):
-        super().__init__(r, alpha, rank_dropout, module_dropout, init, rank_pattern, alpha_pattern, _INITS)
+                 decompose_both: bool = False, decompose_factor: int = -1, rank_dropout_scale: bool = False,
+                 use_effective_conv2d: bool = False):
+        super().__init__(r, alpha, rank_dropout, module_dropout, init, rank_pattern, alpha_pattern, _INITS,
+                         use_effective_conv2d)
         for what, value in (("decompose_both", decompose_both), ("rank_dropout_scale", rank_dropout_scale)):
             if not isinstance(value, bool):
                 raise RuleError(f"LoKr {what}={value!r} must be True or False")
@@ -69,24 +76,28 @@ class LoKr(Lycoris):
 
     @classmethod
     def from_peft(cls, config: dict) -> LoKr:
-        """The spec a PEFT ``LoKrConfig`` dict describes (``use_effective_conv2d`` concerns only
-        convolutions, which peftc doesn't adapt with LoKr)."""
+        """The spec a PEFT ``LoKrConfig`` dict describes."""
         return cls(**peft_options(config), decompose_both=config.get("decompose_both", False),
                    decompose_factor=config.get("decompose_factor", -1),
                    rank_dropout_scale=config.get("rank_dropout_scale", False))
 
-    def factors(self, r, out_features, in_features):
+    def factors(self, r, site):
         # out = a * b, in = c * d; w1 is [a, c] and w2 [b, d], so kron(w1, w2) is [out, in]
-        (a, b), (c, d) = factorize(out_features, self.decompose_factor), factorize(in_features, self.decompose_factor)
+        conv = site.conv
+        kernel = conv.kernel if conv is not None else ()
+        in_features = site.in_features // conv.groups if conv is not None else site.in_features
+        (a, b), (c, d) = factorize(site.out_features, self.decompose_factor), factorize(in_features, self.decompose_factor)
         out = {}
         if self.decompose_both and r < max(a, c) / 2:
             out.update(lokr_w1_a=(a, r), lokr_w1_b=(r, c))
         else:
             out.update(lokr_w1=(a, c))
-        if r < max(b, d) / 2:
-            out.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d))
+        if r >= max(b, d) / 2:
+            out.update(lokr_w2=(b, d, *kernel))
+        elif self.effective_conv(site):  # PEFT's order: t2 first; its Conv1d core is [r, r, k, 1]
+            out = {**out, "lokr_t2": (r, r, *(kernel + (1,))[:2]), "lokr_w2_a": (r, b), "lokr_w2_b": (r, d)}
         else:
-            out.update(lokr_w2=(b, d))
+            out.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d * math.prod(kernel)))
         return out
 
     def initialise(self, state):
@@ -94,14 +105,27 @@ class LoKr(Lycoris):
         zero = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b"), False: ()}[self.init]
         order = ["lokr_w1", "lokr_w1_a", "lokr_w1_b"]
         order += ["lokr_w2", "lokr_w2_b", "lokr_w2_a"] if self.init == "lycoris" else ["lokr_w2", "lokr_w2_a", "lokr_w2_b"]
+        order.append("lokr_t2")
         for name in order:
             if hasattr(state, name):
                 p = getattr(state, name)
                 nn.init.zeros_(p) if name in zero else nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
     def delta(self, ops, state):
-        w1 = ops.get("lokr_w1") if hasattr(state, "lokr_w1") else ops.mm(ops.get("lokr_w1_a"), ops.get("lokr_w1_b"))
-        w2 = ops.get("lokr_w2") if hasattr(state, "lokr_w2") else ops.mm(ops.get("lokr_w2_a"), ops.get("lokr_w2_b"))
+        if hasattr(state, "lokr_w1"):
+            w1, w1_shape = ops.get("lokr_w1"), state.lokr_w1.shape
+        else:
+            w1 = ops.mm(ops.get("lokr_w1_a"), ops.get("lokr_w1_b"))
+            w1_shape = (state.lokr_w1_a.shape[0], state.lokr_w1_b.shape[1])
+        if hasattr(state, "lokr_w2"):
+            w2, w2_dims = ops.get("lokr_w2"), state.lokr_w2.dim()
+        elif hasattr(state, "lokr_t2"):  # the core taken to w2's rows and columns: [b, d, k1, k2]
+            w2 = ops.einsum("ijkl,ip,jr->prkl", ops.get("lokr_t2"), ops.get("lokr_w2_a"), ops.get("lokr_w2_b"))
+            w2_dims = 4
+        else:
+            w2, w2_dims = ops.mm(ops.get("lokr_w2_a"), ops.get("lokr_w2_b")), 2
+        if w2_dims == 4:  # a 2-D kernel: w1 [a, c, 1, 1] (a Conv1d's 3-D w2 meets a 2-D w1, as in PEFT)
+            w1 = ops.reshape(w1, (*w1_shape, 1, 1))
         return ops.mul(ops.kron(w1, w2), ops.get("scaling"))
 
     def config(self):

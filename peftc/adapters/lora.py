@@ -24,6 +24,20 @@ no dropout, as in PEFT)::
 A model that scales its embeddings after the lookup (Gemma's ``embed_scale``) scales the
 adapter's term with them, as PEFT does.
 
+At a convolution (Conv1d/2d/3d; PEFT's ``lora_A`` a convolution to ``r`` channels with the
+base's kernel, stride and padding, ``lora_B`` a pointwise one with the base's groups)::
+
+    y = aten.conv2d(x, W, b, s, p, d, g)   y  = aten.conv2d(x, W, b, s, p, d, g)
+                                    ==>    xd = aten.dropout(where(gate, x, 0), p, True)   # training only
+                                           a  = aten.conv2d(xd, lora_A, None, s, p, 1, 1)  # [r, in, *kernel]
+                                           d  = aten.conv2d(a, lora_B, None, 1, 0, 1, g)   # [out, r / g, 1, 1]
+                                           y2 = aten.add(y, aten.mul(d, scaling))
+                                           y3 = aten.where(gate, y2, y)                    # per row (peftc adds it)
+
+Merging adds ``scaling * B A`` over the channels, ``[out, in, *kernel]``: the two convolutions
+in one, exact because ``lora_B`` is pointwise. With groups > 1 the sum isn't a grouped
+kernel, and merging is refused, as PEFT refuses it.
+
 The gate *selects* the adapted output or the original one; it never multiplies.
 Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
 in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
@@ -41,9 +55,10 @@ import re
 import torch
 from torch import nn
 
-from ..errors import RuleError
+from ..errors import MergeError, RuleError
+from ..sites import CONVOLUTION
 from ..storage import is_packed, read_as
-from .base import Adapter, check_rank_alpha, pattern_value, widen
+from .base import Adapter, check_rank_alpha, conv_refusal, pattern_value, widen
 
 aten = torch.ops.aten
 EMBEDDING = "embedding"  # the site kind of an aten.embedding lookup
@@ -60,12 +75,12 @@ class _LowRank(nn.Module):
     _a: str
     _b: str
 
-    def __init__(self, r: int, a_cols: int, b_rows: int, scaling: float, dtype):
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], scaling: float, dtype):
         super().__init__()
-        setattr(self, self._a, nn.Parameter(torch.empty(r, a_cols, dtype=dtype)))
-        setattr(self, self._b, nn.Parameter(torch.empty(b_rows, r, dtype=dtype)))
+        setattr(self, self._a, nn.Parameter(torch.empty(a_shape, dtype=dtype)))
+        setattr(self, self._b, nn.Parameter(torch.empty(b_shape, dtype=dtype)))
         self.register_buffer("scaling", torch.tensor(scaling, dtype=dtype))
-        self.r = r  # the adapter's rank: what it saves, merges and combines
+        self.r = a_shape[0]  # the adapter's rank: what it saves, merges and combines
 
     @property
     def capacity(self) -> int:
@@ -103,7 +118,7 @@ class LoRAState(_LowRank):
     _a, _b = "lora_A", "lora_B"
 
     def __init__(self, r: int, in_features: int, out_features: int, scaling: float, dtype):
-        super().__init__(r, in_features, out_features, scaling, dtype)
+        super().__init__((r, in_features), (out_features, r), scaling, dtype)
 
 
 class LoRAEmbeddingState(_LowRank):
@@ -112,11 +127,23 @@ class LoRAEmbeddingState(_LowRank):
     _a, _b = "lora_embedding_A", "lora_embedding_B"
 
     def __init__(self, r: int, rows: int, width: int, scaling: float, dtype):
-        super().__init__(r, rows, width, scaling, dtype)
+        super().__init__((r, rows), (width, r), scaling, dtype)
+
+
+class LoRAConvState(_LowRank):
+    """The pair at one convolution, as PEFT's ``lora_A`` ``[r, in, *kernel]`` and pointwise
+    ``lora_B`` ``[out, r / groups, 1, ...]`` convolution weights."""
+
+    _a, _b = "lora_A", "lora_B"
+
+    def __init__(self, r: int, site, scaling: float, dtype):
+        conv = site.conv
+        super().__init__((r, site.in_features, *conv.kernel), (site.out_features, r // conv.groups, *[1] * conv.dims),
+                         scaling, dtype)
 
 
 class LoRA(Adapter):
-    """Low-rank adaptation of linear-like ops and embedding lookups.
+    """Low-rank adaptation of linear-like ops, embedding lookups and convolutions.
 
     Arguments:
         r: rank, > 0.
@@ -163,8 +190,28 @@ class LoRA(Adapter):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def unsupported(self, site):
+        if site.kind == CONVOLUTION:
+            return self._unsupported_conv(site)
         if not site.is_linear and site.kind != EMBEDDING:
-            return f"LoRA supports linear-like ops (linear, addmm, mm, matmul) and embedding lookups, not {site.op}"
+            return (f"LoRA supports linear-like ops (linear, addmm, mm, matmul), embedding lookups and "
+                    f"convolutions, not {site.op}")
+        return None
+
+    def _unsupported_conv(self, site) -> str | None:
+        """Why PEFT's LoRA for Conv1d/2d/3d doesn't fit this convolution, if it doesn't."""
+        conv, (r, _) = site.conv, self.rank_and_alpha(site)
+        leave_out = f"leave {site.path} out of the targets"
+        why = conv_refusal(site, "LoRA")
+        if why:
+            return why
+        if any(d != 1 for d in conv.dilation) and any(k != 1 for k in conv.kernel):
+            return (f"its dilation is {conv.dilation}; PEFT's lora_A takes the kernel, stride and padding but not "
+                    f"the dilation, so its output doesn't fit the convolution's; {leave_out}")
+        if r % conv.groups:
+            return (f"its groups={conv.groups} don't divide the rank {r}, as PEFT requires; use a multiple of "
+                    f"{conv.groups} (rank_pattern can set one for {site.path}) or {leave_out}")
+        if self.changes_base:
+            return f"init={self.init!r} starts from linear weights only; use init=True there or {leave_out}"
         return None
 
     @property
@@ -210,7 +257,7 @@ class LoRA(Adapter):
         state.lora_A.copy_(a.contiguous())
         state.lora_B.copy_(b.contiguous())
 
-    def init_state(self, site) -> LoRAState | LoRAEmbeddingState:
+    def init_state(self, site) -> LoRAState | LoRAEmbeddingState | LoRAConvState:
         r, _ = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
         if site.kind == EMBEDDING:  # PEFT: A zeros and B normal, or (init=False) both normal
@@ -222,7 +269,10 @@ class LoRA(Adapter):
                 else:
                     nn.init.zeros_(state.lora_embedding_A)
             return state
-        state = LoRAState(r, site.in_features, site.out_features, self.scaling(site), dtype)
+        if site.kind == CONVOLUTION:
+            state = LoRAConvState(r, site, self.scaling(site), dtype)
+        else:
+            state = LoRAState(r, site.in_features, site.out_features, self.scaling(site), dtype)
         with torch.no_grad():
             if self.changes_base:  # filled from the weight by init_states
                 return state
@@ -239,6 +289,8 @@ class LoRA(Adapter):
     def emit(self, b, site):
         if site.kind == EMBEDDING:
             return self._emit_embedding(b, site)
+        if site.kind == CONVOLUTION:
+            return self._emit_conv(b, site)
         state_dtype = b.state.lora_A.dtype
         x = b.cast(b.x, state_dtype)
         if b.training:  # backward too: an inactive adapter's rows pass no gradient, even 0 @ NaN
@@ -261,8 +313,29 @@ class LoRA(Adapter):
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
+    def _emit_conv(self, b, site):
+        """``y + scaling * B(A(dropout(x)))``: A with the base's kernel, stride and padding, B pointwise."""
+        conv, ones = site.conv, [1] * site.conv.dims
+        x = b.cast(b.x, b.state.lora_A.dtype)
+        if b.training:  # an inactive adapter's rows pass no gradient, even 0 * NaN
+            x = b.call(aten.where.ScalarOther, b.row_mask(b.x), x, 0)
+        if b.training and self.dropout > 0:
+            x = b.call(aten.dropout.default, x, self.dropout, True)
+        padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
+        a = b.call(conv.op(padding), x, b.param("lora_A"), None, list(conv.stride), padding, ones, 1)
+        zeros = [0] * conv.dims
+        d = b.call(conv.op(zeros), a, b.param("lora_B"), None, ones, zeros, ones, conv.groups)
+        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
+        return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
+
     def merge_delta(self, site, state, weights):
         a, b = state.real()
+        if site.kind == CONVOLUTION:
+            if site.conv.groups > 1:
+                raise MergeError(f"LoRA on {site.path}, a convolution with groups={site.conv.groups}, can't merge: "
+                                 "its delta isn't a grouped kernel (PEFT refuses it too); use the adapter unmerged")
+            delta = widen(b).flatten(1) @ widen(a).flatten(1)  # [out, r] @ [r, in * prod(kernel)]
+            return {site.weight_name: widen(state.scaling) * delta.view(site.out_features, *a.shape[1:])}
         delta = widen(state.scaling) * (widen(b) @ widen(a))
         if site.kind == EMBEDDING:
             return {site.weight_name: delta.T}
@@ -287,6 +360,9 @@ class LoRA(Adapter):
         r, _ = self.rank_and_alpha(site)
         if r > state.capacity:
             return f"its rank {r} at {site.path} exceeds the rank {state.capacity} the graph holds there"
+        if site.kind == CONVOLUTION and site.conv.groups > 1 and r != state.capacity:
+            return (f"{site.path} is a convolution with groups={site.conv.groups}, whose lora_B splits the rank by "
+                    f"group: a rank {r} can't be padded to the graph's {state.capacity}; reserve rank {r} exactly")
         return None
 
     def fill(self, site, room, state):
@@ -319,7 +395,7 @@ class LoRA(Adapter):
             raise RuleError(f"combination_type={how!r}; use one of {_COMBINATIONS}")
         if any(not isinstance(p.state, LoRAState) for p in sources):
             raise RuleError("add_weighted_adapter combines LoRA adapters on linear ops only "
-                            "(not other kinds, nor LoRA on embeddings)")
+                            "(not other kinds, nor LoRA on embeddings or convolutions)")
         ranks = {p.state.r for p in sources}
         if how == "linear" and len(ranks) != 1:
             raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")

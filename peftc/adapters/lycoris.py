@@ -16,8 +16,16 @@ masks rows of the delta and module dropout skips the adapter for the whole batch
                                   y3   = aten.where(gate, y2, y)                        # per row (peftc adds it)
 
 The delta is ``[out, in]`` whatever the weight's layout, so ``x @ W`` sites (GPT-2's
-Conv1D) work too; PEFT adapts only ``nn.Linear`` (and convolutions, which peftc
-refuses) with these kinds, so such an adapter saves in peftc's own format.
+Conv1D) work too; PEFT adapts only ``nn.Linear`` and convolutions with these kinds, so
+such an adapter saves in peftc's own format.
+
+At a convolution (Conv1d, Conv2d: PEFT has no Conv3d for these kinds) the delta has the
+weight's shape ``[out, in / groups, *kernel]`` (the factors make ``[out, in / groups *
+prod(kernel)]``, reshaped, or with ``use_effective_conv2d`` a kernel-shaped core), and the
+graph adds the convolution of the input by it, with the base's stride, padding, dilation
+and groups::
+
+    y = aten.conv2d(x, W, b, s, p, d, g)   ==>   y2 = aten.add(y, aten.conv2d(xg, D, None, s, p, d, g))
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import RuleError
-from .base import Adapter, check_rank_alpha, pattern_value, widen
+from ..sites import CONVOLUTION
+from .base import Adapter, check_rank_alpha, conv_refusal, pattern_value, widen
 
 aten = torch.ops.aten
 
@@ -58,8 +67,15 @@ class GraphOps:
     def mul(self, x, y):
         return self.b.call(aten.mul.Tensor, x, y)
 
-    def kron(self, x, y):
+    def kron(self, x, y):  # kron views its second operand: give it plain strides (see TensorOps.kron)
+        y = self.b.call(aten.clone.default, y, memory_format=torch.contiguous_format)
         return self.b.call(aten.kron.default, x, y)
+
+    def einsum(self, equation: str, *xs):
+        return self.b.call(aten.einsum.default, equation, list(xs))
+
+    def reshape(self, x, shape):
+        return self.b.call(aten.reshape.default, x, list(shape))
 
 
 class TensorOps:
@@ -71,7 +87,14 @@ class TensorOps:
     def get(self, name: str) -> torch.Tensor:
         return widen(getattr(self.state, name).detach())
 
-    mm, mul, kron = staticmethod(torch.mm), staticmethod(torch.mul), staticmethod(torch.kron)
+    mm, mul = staticmethod(torch.mm), staticmethod(torch.mul)
+    einsum, reshape = staticmethod(torch.einsum), staticmethod(torch.reshape)
+
+    @staticmethod
+    def kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # PEFT's .contiguous() keeps an einsum's odd stride on a size-1 dim, which kron can't
+        # view (PEFT fails on LoKr's Conv1d cores of rank 1); a clone gives plain strides
+        return torch.kron(x, y.clone(memory_format=torch.contiguous_format))
 
 
 class Lycoris(Adapter):
@@ -83,8 +106,12 @@ class Lycoris(Adapter):
     rank_dropout_scale: bool = True
 
     def __init__(self, r: int, alpha: float, rank_dropout: float, module_dropout: float, init,
-                 rank_pattern: dict | None, alpha_pattern: dict | None, inits: tuple):
+                 rank_pattern: dict | None, alpha_pattern: dict | None, inits: tuple,
+                 use_effective_conv2d: bool = False):
         self.r, self.alpha, self.init = r, alpha, init
+        if not isinstance(use_effective_conv2d, bool):
+            raise RuleError(f"{self.label} use_effective_conv2d={use_effective_conv2d!r} must be True or False")
+        self.use_effective_conv2d = use_effective_conv2d
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
         check_rank_alpha(self.label, r, alpha, self.rank_pattern, self.alpha_pattern)
@@ -98,14 +125,26 @@ class Lycoris(Adapter):
         return pattern_value(self.rank_pattern, site, self.r), pattern_value(self.alpha_pattern, site, self.alpha)
 
     def unsupported(self, site):
+        if site.kind == CONVOLUTION:
+            if site.conv.dims == 3:
+                return (f"PEFT 0.21's {self.label} adapts Conv1d and Conv2d, not Conv3d; "
+                        f"leave {site.path} out of the targets or use LoRA there")
+            return conv_refusal(site, self.label)
         if not site.is_linear:
-            return f"{self.label} adapts linear-like ops (linear, addmm, mm, matmul), not {site.op}"
+            return f"{self.label} adapts linear-like ops (linear, addmm, mm, matmul) and convolutions, not {site.op}"
         return None
+
+    def effective_conv(self, site) -> bool:
+        """Whether the factors hold a kernel-shaped core at this site (``use_effective_conv2d`` on a
+        convolution whose kernel isn't pointwise, as PEFT decides)."""
+        return self.use_effective_conv2d and site.conv is not None and any(k != 1 for k in site.conv.kernel)
 
     # -- what a kind defines ------------------------------------------------------
 
-    def factors(self, r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        """``{PEFT's parameter name: shape}`` at a site of this rank and size."""
+    def factors(self, r: int, site) -> dict[str, tuple[int, ...]]:
+        """``{PEFT's parameter name: shape}`` at a site of this rank; a convolution's are read as
+        an ``[out, in / groups * prod(kernel)]`` matrix, or with :meth:`effective_conv` a core
+        ``[r, r, k1, k2]`` (``[r, r, k, 1]`` for Conv1d) between ``[r, out]`` and ``[r, in / groups]``."""
         raise NotImplementedError
 
     def initialise(self, state: Factors) -> None:
@@ -113,15 +152,23 @@ class Lycoris(Adapter):
         raise NotImplementedError
 
     def delta(self, ops, state: Factors):
-        """The ``[out, in]`` delta, scaling included, in ``ops``' vocabulary."""
+        """The delta, scaling included, in ``ops``' vocabulary: ``[out, in]`` at a linear site;
+        at a convolution any shape with the weight's elements in its order (reshaped by the caller)."""
         raise NotImplementedError
+
+    def _delta(self, ops, state: Factors, site):
+        """:meth:`delta` in the site weight's shape (``[out, in]`` for linear ops)."""
+        delta = self.delta(ops, state)
+        if site.conv is None:
+            return delta
+        return ops.reshape(delta, (site.out_features, site.in_features // site.conv.groups, *site.conv.kernel))
 
     # -- the protocol -------------------------------------------------------------
 
     def init_state(self, site) -> Factors:
         r, alpha = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
-        state = Factors(self.factors(r, site.out_features, site.in_features), alpha / r, dtype, site.device)
+        state = Factors(self.factors(r, site), alpha / r, dtype, site.device)
         with torch.no_grad():
             self.initialise(state)
         return state
@@ -132,28 +179,36 @@ class Lycoris(Adapter):
         if b.training and self.module_dropout > 0:  # drawn first, as PEFT draws it
             draw = b.call(aten.rand.default, [1], dtype=state_dtype, device=site.device)
             keep = b.call(aten.gt.Scalar, draw, self.module_dropout)
-        delta = self.delta(GraphOps(b), b.state)
+        delta = self._delta(GraphOps(b), b.state, site)
         if b.training and self.rank_dropout > 0:
             draw = b.call(aten.rand.default, [site.out_features], dtype=state_dtype, device=site.device)
             mask = b.call(aten.to.dtype, b.call(aten.gt.Scalar, draw, self.rank_dropout), state_dtype)
             if self.rank_dropout_scale:
                 mask = b.call(aten.div.Tensor, mask, b.call(aten.mean.default, mask))
-            delta = b.call(aten.mul.Tensor, delta, b.call(aten.view.default, mask, [-1, 1]))
+            rows = [-1] + [1] * (1 if site.conv is None else site.conv.dims + 1)
+            delta = b.call(aten.mul.Tensor, delta, b.call(aten.view.default, mask, rows))
         x = b.cast(b.x, state_dtype)
         if b.training:  # an inactive adapter's rows pass no gradient, even 0 @ NaN
             x = b.call(aten.where.ScalarOther, b.row_mask(b.x), x, 0)
-        y = b.call(aten.add.Tensor, b.y, b.call(aten.linear.default, x, delta))
+        if site.conv is None:
+            out = b.call(aten.linear.default, x, delta)
+        else:
+            conv = site.conv
+            padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
+            out = b.call(conv.op(padding), x, delta, None, list(conv.stride), padding, list(conv.dilation), conv.groups)
+        y = b.call(aten.add.Tensor, b.y, out)
         if keep is not None:
             y = b.call(aten.where.self, keep, y, b.y)
         return b.cast(y, site.dtype)
 
     def merge_delta(self, site, state, weights):
-        delta = self.delta(TensorOps(state), state)
+        delta = self._delta(TensorOps(state), state, site)
         return {site.weight_name: delta if site.layout == "out_in" else delta.T}
 
     def config(self):
         out = {"kind": self.kind, "r": self.r, "alpha": self.alpha, "rank_dropout": self.rank_dropout,
-               "module_dropout": self.module_dropout, "init": self.init}
+               "module_dropout": self.module_dropout, "init": self.init,
+               "use_effective_conv2d": self.use_effective_conv2d}
         if self.rank_pattern:
             out["rank_pattern"] = self.rank_pattern
         if self.alpha_pattern:
@@ -163,7 +218,7 @@ class Lycoris(Adapter):
     def peft_fields(self) -> dict:
         """This spec's options under PEFT's names (``r``, ``alpha``, patterns: per site, by the caller)."""
         return {"rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-                "init_weights": self.init, "use_effective_conv2d": False}
+                "init_weights": self.init, "use_effective_conv2d": self.use_effective_conv2d}
 
     def __repr__(self):
         return f"{type(self).__name__}(r={self.r}, alpha={self.alpha})"
@@ -174,4 +229,5 @@ def peft_options(config: dict) -> dict:
     return {"r": config.get("r", 8), "alpha": config.get("alpha", 8),
             "rank_dropout": config.get("rank_dropout", 0.0), "module_dropout": config.get("module_dropout", 0.0),
             "init": config.get("init_weights", True), "rank_pattern": config.get("rank_pattern"),
-            "alpha_pattern": config.get("alpha_pattern")}
+            "alpha_pattern": config.get("alpha_pattern"),
+            "use_effective_conv2d": config.get("use_effective_conv2d", False)}

@@ -11,7 +11,8 @@
 Models are MLPs (``nn.Linear`` layers and bare ``x @ W`` layers, ``W`` stored
 ``[in, out]``; on request also ``F.linear`` and ``x @ W.T`` layers on a module's own
 parameters) and small pre-norm transformer blocks with a hand-written
-attention (``softmax(q @ k^T * scale)``) or ``scaled_dot_product_attention``.
+attention (``softmax(q @ k^T * scale)``) or ``scaled_dot_product_attention``,
+and stacks of 1-, 2- or 3-D convolutions (:class:`TinyConvNet`).
 Depth, widths, bias presence, dtype and weights (a drawn seed) are random, and
 every part shrinks toward the smallest model: depth 1, width 1, float32,
 ``nn.Linear``, no bias.
@@ -40,9 +41,11 @@ __all__ = [
     "FunctionalLinear",
     "MatMulLinear",
     "MatMulTLinear",
+    "TinyConvNet",
     "TinyMLP",
     "TinyTransformer",
     "cases",
+    "conv_paths",
     "doras",
     "inputs",
     "linear_paths",
@@ -127,7 +130,29 @@ def _layer(form: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
     return layer
 
 
-class TinyMLP(nn.Module):
+class _Specced(nn.Module):
+    """A model whose repr is its class name and ``spec``, the arguments that rebuild it."""
+
+    spec: dict
+
+    def __repr__(self):
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
+
+
+class _Stack(_Specced):
+    """``layers`` in order, tanh between them."""
+
+    layers: nn.ModuleList
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class TinyMLP(_Stack):
     """``layers.i`` are linear maps of the given forms, tanh between them. Input ``[batch, widths[0]]``."""
 
     def __init__(self, widths: list[int], forms: list[str], biases: list[bool], seed: int = 0,
@@ -142,16 +167,6 @@ class TinyMLP(nn.Module):
             )
         self.to(dtype).eval()
         self.input_width, self.sequence = widths[0], False
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
-
-    def __repr__(self):
-        return "TinyMLP(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
 
 
 class Attention(nn.Module):
@@ -191,7 +206,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(_Specced):
     """Pre-norm blocks at ``model.layers.i`` (``self_attn.{q,k,v,o}_proj``, ``mlp.{up,down}_proj``)
     and an ``lm_head``. Input ``[batch, length, heads * head_dim]`` floats. LayerNorms use
     ``eps=NORM_EPS`` (0.1) so that rounding differences stay within tolerances."""
@@ -216,8 +231,44 @@ class TinyTransformer(nn.Module):
             x = layer(x)
         return self.lm_head(self.model.norm(x))
 
-    def __repr__(self):
-        return "TinyTransformer(" + ", ".join(f"{k}={v!r}" for k, v in self.spec.items()) + ")"
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class TinyConvNet(_Stack):
+    """``layers.i`` are ``dims``-D convolutions, tanh between them; ``layers[i]`` is
+    ``(out channels, kernel, stride, padding, bias)`` (padding an int or ``"same"``). Input
+    ``[batch, channels, size, ...]`` (:attr:`input_shape`, batch None)."""
+
+    def __init__(self, dims: int, channels: int, size: int, layers: list[tuple], seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = dict(dims=dims, channels=channels, size=size, layers=list(layers), seed=seed,
+                         dtype=str(dtype).removeprefix("torch."))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            widths = [channels] + [out for out, *_ in layers]
+            self.layers = nn.ModuleList(
+                _CONVS[dims](a, out, kernel, stride, padding, bias=bias)
+                for a, (out, kernel, stride, padding, bias) in zip(widths[:-1], layers, strict=True))
+        self.to(dtype).eval()
+        self.input_shape = (None, channels, *[size] * dims)
+
+
+@st.composite
+def _conv_net(draw, dtype, seed: int, depth: int, max_width: int, biases) -> TinyConvNet:
+    """Kernels, strides and paddings drawn so that every layer's output keeps at least one element."""
+    dims, channels = draw(st.integers(1, 3)), draw(st.integers(1, max_width))
+    size = current = draw(st.integers(3, 6))
+    layers = []
+    for _ in range(depth):
+        kernel = draw(st.integers(1, min(3, current)))
+        stride = draw(st.integers(1, 2))
+        padding = draw(st.sampled_from([0, kernel // 2] + (["same"] if stride == 1 else [])))
+        layers.append((draw(st.integers(1, max_width)), kernel, stride, padding, draw(biases)))
+        if padding != "same":
+            current = (current + 2 * padding - kernel) // stride + 1
+    return TinyConvNet(dims, channels, size, layers, seed, dtype)
 
 
 # -- strategies -------------------------------------------------------------------
@@ -226,10 +277,11 @@ class TinyTransformer(nn.Module):
 @st.composite
 def models(draw, kinds=("mlp", "transformer"), dtypes=DTYPES, max_depth: int = 3, max_width: int = 8,
            forms=("linear", "matmul"), bias=None) -> nn.Module:
-    """A random :class:`TinyMLP` or :class:`TinyTransformer` in eval mode.
+    """A random :class:`TinyMLP`, :class:`TinyTransformer` or :class:`TinyConvNet` in eval mode.
 
     Arguments:
-        kinds: which of ``"mlp"`` and ``"transformer"`` to draw.
+        kinds: which of ``"mlp"``, ``"transformer"`` and ``"conv"`` to draw (``"conv"`` only
+            when asked for: its sites are convolutions, which ``peftc.linear`` doesn't select).
         dtypes: parameter dtypes to draw from.
         max_depth: most layers (MLP) or blocks (transformer, at most 2).
         max_width: most features in any MLP layer, transformer feed-forward or head.
@@ -257,7 +309,9 @@ def models(draw, kinds=("mlp", "transformer"), dtypes=DTYPES, max_depth: int = 3
         out = draw(st.integers(1, max_width))
         sdpa = draw(st.booleans())
         return TinyTransformer(depth, heads, head_dim, ff, out, draw(biases), sdpa, seed, dtype)
-    raise ValueError(f"unknown model kind {kind!r}; use 'mlp' or 'transformer'")
+    if kind == "conv":
+        return draw(_conv_net(dtype, seed, depth, max_width, biases))
+    raise ValueError(f"unknown model kind {kind!r}; use 'mlp', 'transformer' or 'conv'")
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
@@ -273,8 +327,8 @@ def inputs(draw, model: nn.Module, max_batch: int = 3, max_length: int = 4, shap
     queries, which would hide an adapter on ``q_proj`` or ``k_proj``.
 
     Works for models from :func:`models` (and any model with ``input_width``
-    and ``sequence`` attributes) and for transformers text models (a dict with
-    ``input_ids``). For other models give ``shape``, with None for a drawn
+    and ``sequence`` attributes, or an ``input_shape``) and for transformers text models (a dict
+    with ``input_ids``). For other models give ``shape``, with None for a drawn
     size: ``shape=(None, 16)``.
     """
     seed = draw(st.integers(0, 2**16))
@@ -286,6 +340,7 @@ def inputs(draw, model: nn.Module, max_batch: int = 3, max_length: int = 4, shap
         length = draw(st.integers(min(2, max_length), max_length))
         ids = torch.randint(0, vocab, (batch, length), generator=g)
         return {"input_ids": ids.to(device)}
+    shape = shape if shape is not None else getattr(model, "input_shape", None)
     if shape is None:
         width = getattr(model, "input_width", None)
         if width is None:
@@ -306,6 +361,11 @@ def linear_paths(model: nn.Module) -> list[str]:
         if name and isinstance(w, nn.Parameter) and w.dim() == 2 and not isinstance(module, nn.Embedding):
             out.append(name)
     return out
+
+
+def conv_paths(model: nn.Module) -> list[str]:
+    """Module paths of the model's convolutions (``nn.Conv1d/2d/3d``)."""
+    return [name for name, module in model.named_modules() if isinstance(module, tuple(_CONVS.values()))]
 
 
 def loras(max_r: int = 4, use_rslora: bool | None = None) -> st.SearchStrategy[LoRA]:
@@ -335,12 +395,13 @@ def rules(draw, model: nn.Module, adapters: st.SearchStrategy[Adapter] | None = 
         adapters: a strategy of adapter specs (default :func:`loras`); each rule draws one.
         select: makes a selector from a regex of module paths (``peftc.linear``,
             ``peftc.module``...). Rules are ``adapter.on(select("a|b"))``.
-        paths: the module paths to choose from (default :func:`linear_paths`).
+        paths: the module paths to choose from (default :func:`linear_paths`, or
+            :func:`conv_paths` for a model without linear layers).
     """
     adapters = adapters if adapters is not None else loras()
-    candidates = list(paths) if paths is not None else linear_paths(model)
+    candidates = list(paths) if paths is not None else linear_paths(model) or conv_paths(model)
     if not candidates:
-        raise ValueError(f"peftc.testing.rules: {type(model).__name__} has no linear layers; pass paths=[...]")
+        raise ValueError(f"peftc.testing.rules: {type(model).__name__} has no linear layers or convolutions; pass paths=[...]")
     chosen = draw(st.lists(st.sampled_from(candidates), min_size=1, unique=True))
     chosen.sort(key=candidates.index)
     n = draw(st.integers(1, max(1, min(max_rules, len(chosen)))))
