@@ -70,14 +70,15 @@ class PrefixState(nn.Module):
         """:meth:`forward`, without gradients (what is saved)."""
         return self()
 
-    def keys_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def keys_values(self, batch: int, dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the prefix's keys and values, ``[batch, kv_heads, n, head_dim]`` each.
 
         On an encoder-decoder model PEFT doubles the table's key/value rows (for
         the decoder's self- and cross-attention) and gives layer ``l`` rows
         ``4l`` and ``4l + 1`` of the doubled table; it keeps its order here."""
         n, layers2, kv_heads, head_dim = self.shape
-        rows = self().to(dtype).view(n, layers2, kv_heads, head_dim)
+        rows = self()
+        rows = (rows if dtype is None else rows.to(dtype)).view(n, layers2, kv_heads, head_dim)
         rows = torch.cat([rows] * self.submodules, 1).permute(1, 2, 0, 3)  # [2 * layers * submodules, heads, n, dim]
         stride = 2 * self.submodules
         out = []
@@ -149,28 +150,50 @@ class Prefix(Adapter):
 
     def rewrite_inputs(self, model, state, kwargs):
         seq2seq = encoder_decoder(model)
+        self._shift_positions(kwargs)
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if not seq2seq and kwargs.get("attention_mask") is None:  # no mask is all ones; a traced model wants one
             kwargs["attention_mask"] = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
         lead_with_ones(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", self.num_virtual_tokens)
-        dtype = model.get_input_embeddings().weight.dtype
         cache = kwargs.get("past_key_values")  # a generation's first step brings its own, empty
         if not isinstance(cache, Cache):
-            cache = DynamicCache(config=model.config)
+            cache = DynamicCache(config=getattr(model, "config", None))
             if seq2seq:  # the decoder's self-attention cache; cross-attention reads the encoder's output
                 cache = EncoderDecoderCache(cache, DynamicCache())
         own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         at = {"cache_position": torch.arange(self.num_virtual_tokens, device=ids.device)}
+        dtype = getattr(model, "dtype", None)  # the model's (PEFT's base_model_torch_dtype)
         for layer, (k, v) in enumerate(state.keys_values(ids.shape[0], dtype)):
             own.update(k, v, layer, at)
         kwargs["past_key_values"] = cache
         return kwargs
 
     def rewrite_decode_inputs(self, model, state, kwargs):
-        # The cache holds the prefix: only the mask must still show it; positions follow the cache.
-        kwargs.pop("position_ids", None)
-        lead_with_ones(kwargs, "attention_mask", self.num_virtual_tokens)
+        # The cache holds the prefix: only the mask must still show it, and given positions move past it.
+        self._shift_positions(kwargs)
+        lead_with_ones(kwargs, "decoder_attention_mask" if encoder_decoder(model) else "attention_mask",
+                       self.num_virtual_tokens)
         return kwargs
+
+    def _shift_positions(self, kwargs: dict) -> None:
+        """Given positions count the prefix (as PEFT offsets them); else the model numbers the
+        real tokens after the cache's, by its own scheme."""
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+
+    def emit(self, b, site):
+        """Nothing to insert (the boundary feeds the prefix); check that it reaches the op's keys
+        in a graph traced with it. A model that ignores the cache, or an attention that doesn't
+        read it (a custom kernel fed by other keys), would otherwise train a prefix that does nothing."""
+        reads = b.state_reads()
+        if reads and not _reaches(reads, b.node):
+            raise RuleError(
+                f"Prefix can't prefix the attention at {site.path}: found {site.op} "
+                f"({site.heads or '?'} heads x {site.head_dim}) whose keys and values don't come from the "
+                "KV cache the model was given (past_key_values), so the prefix would never reach it. "
+                "Select only attention that reads the cache (peftc.attention(...)), or use a model whose "
+                "attention takes past_key_values")
+        return b.y
 
     def generation_tokens(self):
         return self.num_virtual_tokens, self.num_virtual_tokens  # the prefix fills the first cache positions
@@ -183,3 +206,17 @@ class Prefix(Adapter):
 
     def __repr__(self):
         return f"Prefix(num_virtual_tokens={self.num_virtual_tokens}, projection={self.projection})"
+
+
+def _reaches(sources: list, target) -> bool:
+    """Whether ``target`` is computed from any of ``sources`` (graph nodes)."""
+    seen, todo = set(), list(target.all_input_nodes)
+    wanted = set(sources)
+    while todo:
+        node = todo.pop()
+        if node in wanted:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return False
