@@ -40,6 +40,10 @@ from ..sites import ATTENTION
 from .base import NO_ATTENTION_HINT, Adapter, check_positions, check_virtual_tokens, lead_with_ones
 from .prompt import encoder_decoder
 
+# Inputs whose first dim is the batch; the first present names the batch size (an encoder-decoder's
+# later generation steps bring the decoder's ids and the encoder's output only).
+_SEQUENCES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
 
 class PrefixState(nn.Module):
     """The prefix table, and PEFT's optional reparameterisation MLP."""
@@ -151,7 +155,7 @@ class Prefix(Adapter):
     def rewrite_inputs(self, model, state, kwargs):
         seq2seq = encoder_decoder(model)
         self._shift_positions(kwargs)
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        ids = next(kwargs[k] for k in _SEQUENCES if kwargs.get(k) is not None)
         if not seq2seq and kwargs.get("attention_mask") is None:  # no mask is all ones; a traced model wants one
             kwargs["attention_mask"] = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
         lead_with_ones(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", self.num_virtual_tokens)

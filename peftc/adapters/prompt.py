@@ -105,6 +105,9 @@ class Prompt(Adapter):
         return torch.tensor(ids, dtype=torch.long)
 
     def rewrite_inputs(self, model, state, kwargs):
+        if "input_ids" not in kwargs and kwargs.get("encoder_outputs") is not None and encoder_decoder(model):
+            # a generation step: the encoder ran already, prompt and all; its mask must still show the prompt
+            return self.rewrite_decode_inputs(model, state, kwargs)
         if "input_ids" not in kwargs:
             raise RuleError("prompt tuning needs input_ids (it looks up their embeddings itself)")
         if "position_ids" in kwargs:
