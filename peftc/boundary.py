@@ -1,7 +1,7 @@
 """The input boundary: a wrapper traced around the model when an adapter rewrites its inputs.
 
-Prompt tuning prepends embeddings and prefix tuning shifts positions before the
-model's forward runs. Both are Python over the model's keyword inputs; tracing
+Prompt tuning prepends embeddings and prefix tuning hands the model a KV cache
+holding its prefix before the model's forward runs. Both are Python over the model's keyword inputs; tracing
 the wrapper below (instead of the bare model) puts that code into the graph,
 ahead of the model's own ops. The model sits at ``model.`` in the traced graph,
 the adapter state at ``peftc.``.
@@ -10,6 +10,7 @@ the adapter state at ``peftc.``.
 from __future__ import annotations
 
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .kv_cache import CacheInputs, step_cache, step_outputs
 
@@ -39,11 +40,21 @@ class Boundary(nn.Module):
 
     def forward(self, kwargs: dict):
         cache = kwargs.get("past_key_values")
-        decoding = isinstance(cache, CacheInputs) and not cache.first
+        stepping = isinstance(cache, CacheInputs)
+        decoding = stepping and not cache.first
+        if stepping:  # the rewrites see the step's Cache (a prefix fills the first step's)
+            kwargs["past_key_values"] = step_cache(cache, getattr(self.model.config, "is_encoder_decoder", False))
         for adapter, target in self._rewrites:
             rewrite = adapter.rewrite_decode_inputs if decoding else adapter.rewrite_inputs
             kwargs = rewrite(self.model, self.peftc.get_submodule(target), dict(kwargs))
-        if not isinstance(cache, CacheInputs):
-            return self.model(**kwargs)
-        kwargs["past_key_values"] = step_cache(cache, getattr(self.model.config, "is_encoder_decoder", False))
+        if not stepping:
+            return _without_cache(self.model(**kwargs)) if cache is None else self.model(**kwargs)
         return {"logits": self.model(**kwargs).logits, "cache": step_outputs(kwargs["past_key_values"])}
+
+
+def _without_cache(out):
+    """A model output without the cache a rewrite made (a prefix's): the caller passed none
+    (and a graph can't return a ``Cache``)."""
+    if not isinstance(out, ModelOutput) or out.get("past_key_values") is None:
+        return out
+    return type(out)(**{k: v for k, v in out.items() if k != "past_key_values"})

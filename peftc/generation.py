@@ -42,9 +42,6 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
     if not callable(getattr(model, "generate", None)):
         raise PeftcError(f"{type(model).__name__} can't generate: it has no generate method (not a transformers "
                          "model with a language-modelling head)")
-    if encoder_decoder and any(p.adapter.rewrites_inputs for p in _active(cm)):
-        raise PeftcError("generating with prompt or prefix adapters on an encoder-decoder model is not supported "
-                         "yet; LoRA, BitFit and custom kinds generate")
     if kwargs.get("past_key_values") is not None:
         prompts = " (a prompt adapter's virtual tokens must lead the cache)" if _tokens(cm)[0] else ""
         raise PeftcError("don't pass past_key_values to cm.generate: peftc keeps the KV cache of each call in "

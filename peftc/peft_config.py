@@ -503,7 +503,7 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "inference_mode": True,
         "num_virtual_tokens": spec.num_virtual_tokens,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if encoder_decoder(cm.base_model) else 1,
         "modules_to_save": cm.adapter_options(name).get("modules_to_save") or None,
     }
     if kind is PTuning:
@@ -511,7 +511,6 @@ def _prompt_learning_config(cm, name: str, kind: type) -> dict:
         out.update(encoder_reparameterization_type=spec.encoder.upper(), encoder_hidden_size=spec.hidden_size or
                    token_dim, encoder_num_layers=spec.num_layers, encoder_dropout=spec.dropout, token_dim=token_dim)
     elif kind is Prompt:
-        out["num_transformer_submodules"] = 2 if encoder_decoder(cm.base_model) else 1
         out.update(prompt_tuning_init={"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}[spec.init],
                    prompt_tuning_init_text=spec.text, tokenizer_name_or_path=None,
                    token_dim=placement.state.embedding.shape[1])

@@ -33,6 +33,14 @@ ATTENTION = "attention"
 CONVOLUTION = "convolution"
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _SDPA = {aten.scaled_dot_product_attention.default}
+_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+# Between an eager attention's q @ k^T and its softmax: scaling, soft-capping, masks and biases, casts, views.
+_SCORE_OPS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar,
+              aten.div.Tensor, aten.div.Scalar, aten.tanh.default, aten._to_copy.default, aten.to.dtype,
+              aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.view.default,
+              aten.reshape.default, aten._unsafe_view.default, aten.clone.default, aten.contiguous.default,
+              aten.alias.default}
+_SCORES = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 
 
@@ -87,7 +95,11 @@ class Site:
         conv: a ``"convolution"`` site's geometry, else None.
         has_bias: whether the op adds a bias.
         bias_name: the bias parameter's name in the module (None if it has none).
-        heads, head_dim: key heads and head size at an ``"attention"`` site.
+        heads, head_dim: key heads and head size at an ``"attention"`` site (heads 0 where
+            the op's shapes fold them into the batch, as BLOOM's ``baddbmm`` does).
+        cross: at an ``"attention"`` site, whether its keys come from another sequence than
+            its queries (cross-attention: key and query lengths differ by more than a constant).
+        encoder: whether the site is in an encoder-decoder model's encoder.
         input_embedding: whether this is the lookup of the model's input embeddings.
         projections: at an ``"attention"`` site, the module paths of the linear ops that
             make its ``"key"`` and ``"value"`` and take its ``"output"``, where one op
@@ -112,6 +124,8 @@ class Site:
     heads: int = 0
     head_dim: int = 0
     input_embedding: bool = False
+    cross: bool = False
+    encoder: bool = False
     projections: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -226,6 +240,7 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
     params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)
               if n.startswith(prefix) and id(p) in owners}
     embed_weight = getattr(input_embeddings_of(model), "weight", None)
+    encoder = _encoder_path(model)
     sites: dict[str, Site] = {}
     # Linear-like uses first: a weight read by a linear op is a linear site, whatever else reads it.
     for node in gm.graph.nodes:
@@ -247,16 +262,20 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
     for node in gm.graph.nodes:
         if node.op != "call_function" or linear_use(node) is not None:
             continue
-        if node.target in _SDPA:
+        shapes = attention_shapes(node)
+        if shapes is not None:
             path = _strip(module_path(node) or "", prefix)
-            k = node.args[1].meta["val"]
-            projections = {role: _strip(module_path(n) or "", prefix)
-                           for role, n in attention_projections(node).items()}
-            if "output" in projections and linear_use(attention_projections(node)["output"]).bias_index is not None:
-                projections["output_bias"] = projections["output"]
+            q, k = shapes
+            projections = {}
+            if node.target in _SDPA:
+                projections = {role: _strip(module_path(n) or "", prefix)
+                               for role, n in attention_projections(node).items()}
+                if "output" in projections and linear_use(attention_projections(node)["output"]).bias_index is not None:
+                    projections["output_bias"] = projections["output"]
             site = Site(path, "", ATTENTION, _op_name(node), dtype=k.dtype, device=k.device,
-                        layer=layer_index(path), heads=int(k.shape[1]), head_dim=int(k.shape[-1]),
-                        projections=projections)
+                        layer=layer_index(path), heads=int(k.shape[1]) if k.dim() == 4 else 0,
+                        head_dim=int(k.shape[-1]), cross=not _same_sequence(q.shape[-2], k.shape[-2]),
+                        encoder=bool(encoder) and (path + ".").startswith(encoder + "."), projections=projections)
             sites.setdefault(path, site).nodes.append(node.name)
             continue
         if _is_conv(node):
@@ -316,6 +335,51 @@ def _conv_site(node: fx.Node, weight: torch.Tensor, model: nn.Module, owners, pr
     return Site(path, wname, CONVOLUTION, _op_name(node), in_features=in_f, out_features=out_f,
                 dtype=weight.dtype, device=weight.device, layer=layer_index(path), conv=conv,
                 has_bias=bias is not None, bias_name=_bias_name(bias, path, prefix))
+
+
+def attention_shapes(node: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The example queries and keys (``[..., length, head_dim]``) of an attention op, or None if
+    ``node`` is none: an ``aten.scaled_dot_product_attention``, or an eager attention's softmax
+    over the scores ``q @ k^T`` (``matmul``, ``bmm``, ``baddbmm``), reached through scaling,
+    soft-capping, masks, biases, casts and views."""
+    if node.op != "call_function":
+        return None
+    if node.target in _SDPA:
+        return node.args[0].meta["val"], node.args[1].meta["val"]
+    if node.target not in _SOFTMAX:
+        return None
+    scores = node.args[0]
+    while isinstance(scores, fx.Node) and scores.target in _SCORE_OPS:
+        operands = [a for a in scores.args if isinstance(a, fx.Node) and _is_tensor(a)
+                    and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].is_floating_point()]
+        # follow the operand of the scores' own shape (a mask or bias broadcasts into it)
+        scores = max(operands, key=lambda a: a.meta["val"].dim(), default=None)
+    if not isinstance(scores, fx.Node) or scores.target not in _SCORES:
+        return None
+    q, kt = scores.args[-2:] if scores.target == aten.baddbmm.default else scores.args[:2]
+    if not all(isinstance(a, fx.Node) and not _param(a) and _is_tensor(a) for a in (q, kt)):
+        return None
+    q, kt = q.meta["val"], kt.meta["val"]
+    if q.dim() < 3 or kt.dim() != q.dim():
+        return None
+    return q, kt.transpose(-1, -2)
+
+
+def _same_sequence(queries, keys) -> bool:
+    """Whether keys of length ``keys`` are the queries' own sequence (self-attention): the
+    lengths are equal, or, symbolic, differ by a constant (cached positions in front)."""
+    if isinstance(queries, int) and isinstance(keys, int):
+        return queries == keys
+    diff = keys - queries
+    return isinstance(diff, int) or bool(diff.node.expr.is_number)
+
+
+def _encoder_path(model: nn.Module) -> str | None:
+    """The module path of an encoder-decoder model's encoder (None for other models)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    return next((name for name, m in model.named_modules() if m is encoder), None)
 
 
 def attention_projections(node: fx.Node) -> dict[str, fx.Node]:

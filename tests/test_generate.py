@@ -50,14 +50,14 @@ def left_padded(batch: int = 3, length: int = 7, seed: int = 0):
 
 
 def peft_config(kind: str, name: str):
+    task = "SEQ_2_SEQ_LM" if name in ("t5", "bart") else "CAUSAL_LM"
     if kind == "lora":
         targets = {"gpt2": ["c_attn"], "phi3": ["qkv_proj", "o_proj"], "t5": ["q", "v", "wo"]}
-        task = "SEQ_2_SEQ_LM" if name in ("t5", "bart") else "CAUSAL_LM"
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets.get(name, ["q_proj", "v_proj"]),
                                init_lora_weights=False, task_type=task)
     if kind == "prompt":
-        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
-    return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3)
+    return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)
 
 
 def peft_and_peftc(name: str, kind: str, tmp_path):
@@ -87,9 +87,10 @@ def test_lora_greedy_equals_peft(name, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_prompt_and_prefix_greedy_equal_peft(name, kind, tmp_path):
-    """Prompt tuning's virtual tokens lead the cache; prefix tuning's keys join every attention op."""
+    """Prompt tuning's virtual tokens lead the cache (T5: the encoder's input); prefix tuning's
+    keys and values fill the cache's first positions (T5: the decoder's self-attention cache)."""
     pm, cm = peft_and_peftc(name, kind, tmp_path)
     ids, mask = left_padded()
     with torch.no_grad():

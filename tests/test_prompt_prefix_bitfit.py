@@ -10,11 +10,13 @@ from conftest import (
     BUILDERS,
     VOCAB,
     assert_counts_like_peft,
+    assert_unchanged,
     make_bart,
     make_bert_cls,
     make_llama,
     make_t5,
     padded_batch,
+    snapshot,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,6 +66,110 @@ def test_encoder_decoder_prompt_holds_peft_s_two_tables(build, tmp_path, capsys)
     with torch.no_grad():
         again = back(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(again.logits, theirs.logits, atol=1e-5, rtol=0)
+
+
+_TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+
+
+def _family(name: str):
+    """A tiny random model of one prefix family, and its PEFT task type."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name in ("t5", "bart"):
+        return {"t5": make_t5, "bart": make_bart}[name](), "SEQ_2_SEQ_LM"
+    if name == "roberta":  # positions offset past the padding index, counted over non-pad tokens
+        config = tf.RobertaConfig(**_TINY, pad_token_id=0, num_labels=3)
+        return tf.RobertaForSequenceClassification(config).eval(), "SEQ_CLS"
+    if name == "opt":  # positions from the attention mask's running count
+        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                              pad_token_id=0)
+        return tf.OPTForCausalLM(config).eval(), "CAUSAL_LM"
+    if name == "gemma3":  # a 3-token sliding window on layer 0, full attention on layer 1, grouped KV heads
+        config = tf.Gemma3TextConfig(**_TINY, num_key_value_heads=2, head_dim=8, sliding_window=3,
+                                     layer_types=["sliding_attention", "full_attention"])
+        return tf.Gemma3ForCausalLM(config).eval(), "CAUSAL_LM"
+    if name == "gemma2":  # eager attention with soft-capping (no sdpa op)
+        config = tf.Gemma2Config(**_TINY, num_key_value_heads=2, head_dim=8, sliding_window=3)
+        return tf.Gemma2ForCausalLM(config).eval(), "CAUSAL_LM"
+    if name == "bloom":  # eager baddbmm attention over [batch * heads] with ALiBi
+        config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=0)
+        return tf.BloomForCausalLM(config).eval(), "CAUSAL_LM"
+    config = tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4,
+                           bos_token_id=1, eos_token_id=2)
+    return tf.GPTJForCausalLM(config).eval(), "CAUSAL_LM"  # eager matmul attention, rotary positions
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "roberta", "opt", "gemma3", "gemma2", "bloom", "gptj"])
+def test_prefix_matches_peft_on_every_family(family, tmp_path, capsys):
+    """PEFT's prefix (saved by PEFT, loaded by peftc, and back): the same counts, logits and loss,
+    padded or not, on encoder-decoders, offset and mask-derived positions, sliding windows, and
+    attention that is no sdpa op."""
+    model, task = _family(family)
+    torch.manual_seed(3)
+    config = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)
+    pm = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    cm = peftc.from_pretrained(model, tmp_path / "peft", backend="eager", is_trainable=True).eval()
+    assert_counts_like_peft(cm, pm, capsys)
+    ids, mask = padded_batch(2, 7, seed=5)
+    ids = ids.masked_fill(mask == 0, 0)  # padding is the pad token: RoBERTa numbers positions past it
+    labels = {"SEQ_CLS": torch.tensor([0, 2]), "CAUSAL_LM": ids, "SEQ_2_SEQ_LM": ids[:, :4].contiguous()}[task]
+    back = None
+    calls = [{"input_ids": ids, "attention_mask": mask}]
+    if family in ("roberta", "opt"):  # positions from the mask, or from the pad tokens when there is none
+        calls.append({"input_ids": ids})
+    for kwargs in calls:
+        with torch.no_grad():
+            ours, theirs = cm(**kwargs, labels=labels), pm(**kwargs, labels=labels)
+            base = pm.get_base_model()(**kwargs, labels=labels).logits
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+        assert (theirs.logits - base).abs().max() > 1e-3  # the prefix matters
+        if back is None:
+            cm.save_pretrained(tmp_path / "ours")
+            back = peft.PeftModel.from_pretrained(copy.deepcopy(pm.get_base_model()), tmp_path / "ours").eval()
+            with torch.no_grad():
+                again = back(**kwargs, labels=labels).logits
+            torch.testing.assert_close(again, theirs.logits, atol=1e-5, rtol=0)
+
+
+def test_prefix_refuses_attention_it_cannot_reach(tmp_path):
+    """Encoder and cross-attention (PEFT's prefix leads decoder self-attention only), and attention
+    whose keys don't come from the cache, are named with what was found there."""
+    model = make_t5()
+    before = snapshot(model)
+    with pytest.raises(peftc.RuleError, match=r"encoder\.block\.0\.layer\.0\.SelfAttention.*in the encoder"):
+        peftc.compile(model, [peftc.Prefix(3).on(peftc.attention())], backend="eager")
+    with pytest.raises(peftc.RuleError, match=r"EncDecAttention.*cross-attention"):
+        peftc.compile(model, [peftc.Prefix(3).on(peftc.attention(r"decoder\..*"))], backend="eager")
+    assert_unchanged(model, before)
+
+    class Attention(torch.nn.Module):  # eager attention that never looks at the cache it is given
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+            return (torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v).transpose(1, 2).flatten(2)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.body = torch.nn.Module()
+            self.body.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"attn": Attention()})])
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            return self.body.layers[0]["attn"](self.embed(input_ids))
+
+    cm = peftc.compile(Model(), [peftc.Prefix(2)], (torch.randint(0, VOCAB, (2, 5)),), backend="eager")
+    with pytest.raises(peftc.RuleError, match=r"layers\.0\.attn: found aten\._?softmax.*2 heads x 4.*don't come from the KV cache"):
+        cm(input_ids=torch.randint(0, VOCAB, (2, 5)))
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])

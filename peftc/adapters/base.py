@@ -237,6 +237,14 @@ def check_virtual_tokens(n) -> None:
         raise RuleError(f"num_virtual_tokens={n!r} must be a positive integer")
 
 
+def lead_with_ones(kwargs: dict, name: str, n: int) -> None:
+    """Put ``n`` ones in front of mask ``kwargs[name]`` (``[batch, length]``), if there is one:
+    the virtual tokens a prompt or prefix adds are visible to every real one."""
+    mask = kwargs.get(name)
+    if mask is not None:
+        kwargs[name] = torch.cat([mask.new_ones((mask.shape[0], n)), mask], 1)
+
+
 def check_positions(model: nn.Module, n: int, kind: str) -> None:
     """Prompt and prefix tuning: ``n`` virtual tokens leave room for real ones."""
     config = getattr(model, "config", None)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import RuleError
 from ..match import input_embeddings
-from .base import Adapter, check_positions, check_virtual_tokens
+from .base import Adapter, check_positions, check_virtual_tokens, lead_with_ones
 
 _INITS = ("random", "text", "vocab")
 
@@ -105,6 +105,9 @@ class Prompt(Adapter):
         return torch.tensor(ids, dtype=torch.long)
 
     def rewrite_inputs(self, model, state, kwargs):
+        if "input_ids" not in kwargs and kwargs.get("encoder_outputs") is not None and encoder_decoder(model):
+            # a generation step: the encoder ran already, prompt and all; its mask must still show the prompt
+            return self.rewrite_decode_inputs(model, state, kwargs)
         if "input_ids" not in kwargs:
             raise RuleError("prompt tuning needs input_ids (it looks up their embeddings itself)")
         if "position_ids" in kwargs:
@@ -133,9 +136,7 @@ class Prompt(Adapter):
     def rewrite_decode_inputs(self, model, state, kwargs):
         # The cache holds the virtual tokens: only the mask must still show them.
         kwargs.pop("position_ids", None)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.num_virtual_tokens)), mask], 1)
+        lead_with_ones(kwargs, "attention_mask", self.num_virtual_tokens)
         return kwargs
 
     def generation_tokens(self):

@@ -77,6 +77,13 @@ class Builder:
         node.meta[META_DTYPE] = getattr(self.state.get_submodule(module_path), attr).dtype
         return self._add(node)
 
+    def state_reads(self) -> list[fx.Node]:
+        """The graph's own reads of this placement's state that something uses: what an input
+        rewrite traced (none in a graph traced without it). Unlike :meth:`param`, this makes no node."""
+        root = f"{STATE_ROOT}.{self._placement.target}."
+        return [n for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(root)
+                and META_ADAPTER not in n.meta and n.users]
+
     def call(self, op, *args, **kwargs) -> fx.Node:
         """A node computing ``op(*args, **kwargs)``; ``op`` is an ATen overload."""
         with self.graph.inserting_after(self._last):

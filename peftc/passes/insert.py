@@ -9,7 +9,7 @@ nodes LoRA emits)::
                                           %y2 = aten.add(%y, %d)
                                           %z  = aten.relu(%y2)
 
-An adapter kind with ``position = "before"`` (prefix tuning) emits its nodes in
+An adapter kind with ``position = "before"`` (IA³ on feed-forward layers) emits its nodes in
 front of the op and rewires the op's inputs instead.
 
 Each adapter's effect is selected by its gate, a boolean tensor per adapter
