@@ -39,7 +39,7 @@ from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt, encoder_decoder
 from .adapters.vera import VeRA
 from .errors import RuleError
-from .match import Selector, attention, check_layers_pattern, compile_regex, where
+from .match import Selector, attention, check_layers_pattern, compile_regex, experts, where
 from .sites import EXPERTS, Site, layer_index
 
 NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
@@ -443,8 +443,10 @@ def adapter_config(cm, name: str) -> dict:
     kinds = {type(p.adapter) for p in placements}
     if kinds == {Prompt} or kinds == {Prefix} or kinds == {PTuning}:
         return _prompt_learning_config(cm, name, kinds.pop())
-    if kinds in ({LoRA}, {DoRA}) and len({(p.adapter.use_rslora, p.adapter.changes_base and p.adapter.init)
-                                          for p in placements}) == 1:
+    # PEFT adapts a stack of experts whole: some of its experts only is peftc's own
+    whole = all(p.site.expert_ids is None for p in placements)
+    if whole and kinds in ({LoRA}, {DoRA}) and len({(p.adapter.use_rslora, p.adapter.changes_base and p.adapter.init)
+                                                    for p in placements}) == 1:
         return _lora_config(cm, name)
     if kinds == {IA3}:
         return _ia3_config(cm, name, placements)
@@ -476,7 +478,9 @@ def _native_config(cm, name: str) -> dict:
         "bias": options.get("bias", "none"),
         "modules_to_save": options.get("modules_to_save") or None,
         "sites": [{"weight_path": p.site.weight_path, "kind": p.site.kind, "op": p.site.op,
-                   "adapter": p.adapter.config()} for p in cm.sites if p.adapter_name == name],
+                   "adapter": p.adapter.config(),
+                   **({"experts": list(p.site.expert_ids)} if p.site.expert_ids is not None else {})}
+                  for p in cm.sites if p.adapter_name == name],
     }
 
 
@@ -487,17 +491,21 @@ def _from_native(config: dict, model) -> Translated:
     if any(site["kind"] == "pattern" for site in config["sites"]):
         raise RuleError("this adapter sits on pattern-matched sites; pass the rules it was built "
                          "with: from_pretrained(model, dir, rules=[...])")
-    groups: dict[str, list[str]] = {}
-    for site in config["sites"]:
-        groups.setdefault(json.dumps(site["adapter"], sort_keys=True), []).append(site["weight_path"])
+    groups: dict[tuple[str, str], list[str]] = {}
+    for site in config["sites"]:  # sites with the same adapter and (on stacks of experts) the same experts
+        key = (json.dumps(site["adapter"], sort_keys=True), json.dumps(site.get("experts")))
+        groups.setdefault(key, []).append(site["weight_path"])
     rules = []
-    for spec, paths in groups.items():
+    for (spec, picked), paths in groups.items():
         try:
             adapter = adapter_from_config(json.loads(spec))
         except RuleError as e:
             raise RuleError(f"{e}. A custom kind must be imported before loading an adapter that uses it") from e
         wanted = frozenset(paths)
-        rules.append(Rule(where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})"), adapter))
+        selector = where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})")
+        if json.loads(picked) is not None:
+            selector = selector & experts(indices=json.loads(picked))
+        rules.append(Rule(selector, adapter))
     return Translated(rules, list(config.get("modules_to_save") or []), config.get("bias", "none"),
                       config.get("task_type"))
 
