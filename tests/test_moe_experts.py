@@ -22,8 +22,8 @@ from conftest import (
     padded_batch,
     snapshot,
 )
-from peft import LoraConfig, PeftModel
-from test_moe_targets import build
+from peft import LoraConfig
+from test_moe_targets import assert_checkpoints_both_ways, build
 
 import peftc
 from peftc.errors import RuleError
@@ -83,16 +83,7 @@ def test_all_linear_equals_peft(model_type, capsys, tmp_path):
         assert grad.abs().max() > 0, key
         torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4)
 
-    pm.save_pretrained(tmp_path / "peft")
-    cm.save_pretrained(tmp_path / "peftc")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm2 = PeftModel.from_pretrained(build(model_type), tmp_path / "peftc").eval()
-    cm2 = peftc.from_pretrained(build(model_type), tmp_path / "peft", backend="eager").eval()
-    ids, mask = padded_batch()
-    want = no_grad_logits(pm, ids, mask)
-    torch.testing.assert_close(no_grad_logits(pm2, ids, mask), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(no_grad_logits(cm2, ids, mask), want, atol=1e-5, rtol=0)
+    assert_checkpoints_both_ways(model_type, pm, cm, tmp_path)
     assert_matches_peft(model, pm, cm, capsys)  # logits, counts line, merge (into each slice), unmerge
 
 
@@ -148,6 +139,8 @@ def test_selector_picks_expert_indices(tmp_path):
     ids, mask = padded_batch()
     want = _expert_reference(model, cm, ids, mask)
     torch.testing.assert_close(no_grad_logits(cm, ids, mask).double(), want, atol=1e-5, rtol=0)
+    with cm.disable_adapter():  # the gate selects the stacks' own weights
+        torch.testing.assert_close(no_grad_logits(cm, ids, mask), no_grad_logits(model, ids, mask), atol=0, rtol=0)
     cm.merge()
     merged = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
     for e in (0, 2):  # experts left out keep their slices bit for bit

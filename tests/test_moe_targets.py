@@ -64,7 +64,12 @@ def test_router_targets_equal_peft(model_type, targets, tmp_path):
     cm.merge()
     torch.testing.assert_close(logits(cm), logits(pm), atol=1e-5, rtol=0)
     cm.unmerge()
-    # checkpoints both ways (PEFT's config carries target_parameters)
+    assert_checkpoints_both_ways(model_type, pm, cm, tmp_path)
+
+
+def assert_checkpoints_both_ways(model_type: str, pm, cm, tmp_path) -> None:
+    """PEFT loads peftc's checkpoint and peftc loads PEFT's (whose config carries target_parameters),
+    each onto a fresh model, giving ``pm``'s logits."""
     pm.save_pretrained(tmp_path / "peft")
     cm.save_pretrained(tmp_path / "peftc")
     with warnings.catch_warnings():
