@@ -34,9 +34,10 @@ PEFT's ``target_parameters`` does (no dropout, as in PEFT)::
     W = get_attr(experts.gate_up_proj)     W  = get_attr(experts.gate_up_proj)
                                     ==>    a  = aten.view(lora_A, [k, r, in])
                                            b  = aten.permute(aten.view(lora_B, [out, r, k]), [2, 0, 1])
-                                           d  = aten.mul(aten.bmm(b, a), scaling)    # [k, out, in]
-                                           W2 = aten.add(W, d)                       # or index_add(W, 0, ids, d)
-                                           W3 = aten.where(gate, W2, W)              # peftc adds it
+                                           W2 = aten.baddbmm(W, b * scaling, a)      # or index_add(W, 0, ids, bmm)
+
+with ``lora_A`` and ``lora_B`` first selected by the gate (``where(gate, A, 0)``): the small
+factors, not the whole weight, so an inactive adapter adds exact zeros.
 
 The gate *selects* the adapted output or the original one; it never multiplies.
 Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
@@ -345,23 +346,25 @@ class LoRA(Adapter):
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
+    def gates_itself_at(self, site):
+        return site.kind == EXPERTS
+
     def _emit_experts(self, b, site):
-        """The stack's weight plus each adapted expert's ``scaling * B_e A_e`` (in its layout)."""
+        """The stack's weight plus each adapted expert's ``scaling * B_e A_e`` (in its layout), in one
+        ``baddbmm`` over the weight when every expert is adapted. The gate selects the factors or
+        zeros (never multiplies), so an inactive adapter adds exact zeros and passes no gradient."""
         state = b.state
         k, r = state.count, state.r
-        a = b.param("lora_A")
-        if b.training:  # an inactive adapter's pairs pass no gradient, even 0 @ NaN
-            a = b.call(aten.where.ScalarOther, b.row_mask(a, 2), a, 0)
-        a = b.call(aten.view.default, a, [k, r, site.in_features])
-        lb = b.call(aten.view.default, b.param("lora_B"), [site.out_features, r, k])
-        d = b.call(aten.bmm.default, b.call(aten.permute.default, lb, [2, 0, 1]), a)
-        d = b.call(aten.mul.Tensor, d, b.param("scaling"))
-        if site.layout == "in_out":
-            d = b.call(aten.transpose.int, d, 1, 2)
-        d = b.cast(d, site.dtype)
+        a, lb = b.param("lora_A"), b.param("lora_B")
+        a, lb = b.gated(a, a, 2), b.call(aten.mul.Tensor, b.gated(lb, lb, 2), b.param("scaling"))
+        a = b.cast(b.call(aten.view.default, a, [k, r, site.in_features]), site.dtype)
+        lb = b.call(aten.view.default, b.cast(lb, site.dtype), [site.out_features, r, k])
+        lb = b.call(aten.permute.default, lb, [2, 0, 1])  # [k, out, r]
+        left, right = (lb, a) if site.layout == "out_in" else (b.call(aten.transpose.int, a, 1, 2),
+                                                               b.call(aten.transpose.int, lb, 1, 2))
         if k == site.experts:
-            return b.call(aten.add.Tensor, b.y, d)
-        return b.call(aten.index_add.default, b.y, 0, b.param("experts"), d)
+            return b.call(aten.baddbmm.default, b.y, left, right)
+        return b.call(aten.index_add.default, b.y, 0, b.param("experts"), b.call(aten.bmm.default, left, right))
 
     def merge_delta(self, site, state, weights):
         if site.kind == EXPERTS:
