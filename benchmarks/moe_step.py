@@ -11,7 +11,8 @@ target_modules="all-linear")``: attention, the routers, and every expert of the 
 - peftc: ``peftc.compile(backend="eager")`` (the graph reads ``W + scaling * B A`` at each stack).
 
 A step is forward, backward and AdamW. Both runs get the same batches, interleaved
-step by step; medians after one warm-up step. Both adapters start equal, and the
+step by step; medians after one warm-up step, and the median of the per-step ratios
+(steps run back to back, so a busy machine slows both sides of a ratio alike). Both adapters start equal, and the
 first step's losses are printed to show it.
 """
 
@@ -83,9 +84,10 @@ def main() -> None:
             else:
                 times[name].append(elapsed)
     ref = statistics.median(times["PEFT"])
-    print(f"{'run':8s} {'median s':>9s} {'vs PEFT':>8s}")
+    print(f"{'run':8s} {'median s':>9s} {'vs PEFT':>8s} {'step ratio':>11s}")
     for name, ts in times.items():
-        print(f"{name:8s} {statistics.median(ts):9.3f} {statistics.median(ts) / ref:7.2f}x")
+        ratio = statistics.median(t / p for t, p in zip(ts, times["PEFT"], strict=True))
+        print(f"{name:8s} {statistics.median(ts):9.3f} {statistics.median(ts) / ref:7.2f}x {ratio:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ class Site:
     Attributes:
         path: module path in the user's model (``model.layers.0.mlp.up_proj``).
         weight_name: the parameter's name inside that module (``weight``).
-        kind: ``"linear"`` for linear-like ops; otherwise the ATen op name
-            (``"embedding"``, ``"convolution"``...), which no built-in adapter supports.
+        kind: ``"linear"`` for linear-like ops, ``"experts"`` for a stack of experts,
+            ``"attention"``; otherwise the ATen op name (``"embedding"``, ``"convolution"``...).
         op: the ATen op of the first node (``aten.linear.default``).
         layout: ``"out_in"`` or ``"in_out"``: how the weight is stored for linear ops.
         in_features, out_features: the linear map's sizes; for an ``"embedding"`` lookup,
@@ -252,7 +252,7 @@ def _matmul_operand(node: fx.Node, src: fx.Node) -> int | None:
 
 
 def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[Site]:
-    """Every parameter-consuming op and attention op of ``gm``, grouped by weight, in graph order.
+    """Every parameter-consuming op, stack of experts and attention op of ``gm``, grouped by weight.
 
     Arguments:
         prefix: what the graph's module paths carry in front of the model's own

@@ -434,7 +434,7 @@ class LoRA(Adapter):
             raise RuleError(f"combination_type={how!r}; use one of {_COMBINATIONS}")
         if any(not isinstance(p.state, LoRAState) for p in sources):
             raise RuleError("add_weighted_adapter combines LoRA adapters on linear ops only "
-                            "(not other kinds, nor LoRA on embeddings)")
+                            "(not other kinds, nor LoRA on embeddings or stacks of experts)")
         ranks = {p.state.r for p in sources}
         if how == "linear" and len(ranks) != 1:
             raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
