@@ -185,3 +185,27 @@ def test_mixed_batches_are_refused_on_stacks():
     ids, mask = padded_batch()
     with pytest.raises(RuleError, match="stacks of experts"):
         cm(input_ids=ids, attention_mask=mask, adapter_names=["default", "__base__", "default"])
+
+
+def test_selector_algebra_per_expert():
+    """|, & and ~ act on each stack's experts, and on other sites whole; the rules-file form is the same."""
+    from peftc.sites import Site
+
+    sites = [Site("model.layers.0.mlp.experts", "gate_up_proj", "experts", "aten.bmm.default", experts=4),
+             Site("model.layers.0.mlp.gate", "weight", "linear", "aten.linear.default")]
+
+    def picked(selector):
+        return {s.weight_path: s.expert_ids for s in selector.select(sites)}
+
+    stack, router = (s.weight_path for s in sites)
+    assert picked(peftc.linear()) == {stack: None, router: None}
+    assert picked(peftc.experts(indices=[0, 2])) == {stack: (0, 2)}
+    assert picked(~peftc.experts(indices=[0, 2])) == {stack: (1, 3), router: None}
+    assert picked(peftc.experts(indices=[0, 1]) | peftc.experts(indices=[3])) == {stack: (0, 1, 3)}
+    assert picked(peftc.experts(indices=[0, 1]) & peftc.experts(indices=[1, 2])) == {stack: (1,)}
+    assert picked(peftc.experts(indices=0) & peftc.experts(indices=1)) == {}
+    assert picked(peftc.experts(indices=range(4))) == {stack: None}  # every expert: the stack whole
+    assert picked(peftc.linear() & ~peftc.experts()) == {router: None}
+    ruleset = peftc.load_rules({"rules": [{"adapter": {"kind": "lora", "r": 2},
+                                           "select": {"experts": ".*experts", "indices": [1, 3]}}]})
+    assert picked(ruleset.rules[0].selector) == {stack: (1, 3)}
