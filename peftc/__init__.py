@@ -41,6 +41,7 @@ from .match import Selector as Selector
 from .match import attention as attention
 from .match import convolution as convolution
 from .match import embedding as embedding
+from .match import experts as experts
 from .match import input_embeddings as input_embeddings
 from .match import linear as linear
 from .match import module as module

@@ -280,6 +280,8 @@ def _shape(site) -> str:
         return f"{site.in_features} -> {site.out_features}"
     if site.kind == "attention":
         return f"{site.heads} heads x {site.head_dim}"
+    if site.kind == "experts":
+        return f"{site.weight_name}: {site.experts} experts x {site.in_features} -> {site.out_features}"
     return site.kind
 
 

@@ -37,7 +37,7 @@ from .program import Program, Programs, graph_of
 from .quantization import dequantize_modules, plan, quantize_modules, quantize_spec
 from .rules import checkpoint_rules, load_rules, match_rules
 from .signature import as_keywords, needs_boundary, showing_signature_of
-from .sites import find_sites
+from .sites import EXPERTS, find_sites
 from .state import BASE, AdapterState, Placement, Reserve, train_biases
 from .trace import call_inputs, signature, trace, with_defaults
 
@@ -424,11 +424,12 @@ class CompiledModel(PeftSurface, nn.Module):
             raise RuleError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows")
         if self.merged:
             raise MergeError("adapter_names can't pick adapters per row while they are merged; unmerge() first")
-        whole_batch = any(p.adapter.rewrites_inputs or not p.adapter.gated
+        whole_batch = any(p.adapter.rewrites_inputs or not p.adapter.gated or p.site.kind == EXPERTS
                           for p in self.state.placements if p.adapter_name in used)
         if whole_batch or any(self.state.saved(n) for n in used):
             raise RuleError("adapter_names works with adapters that act per row (LoRA, BitFit, custom kinds); "
-                            "prompt, prefix and modules_to_save adapters change the whole batch")
+                            "prompt, prefix and modules_to_save adapters, and adapters on stacks of experts "
+                            "(which change the experts' weights), change the whole batch")
         if self.state.disabled:  # as PEFT: inside disable_adapter() every row runs the base model
             yield
             return

@@ -4,23 +4,32 @@ Selectors look at ops, not module classes::
 
     peftc.linear(r".*\\.(q|v)_proj")              every linear-like op in q_proj / v_proj
     peftc.linear(layers=range(4))                 ... in layers 0-3
+    peftc.experts(indices=[0, 3])                 experts 0 and 3 of every stack of experts
     peftc.module(r"lm_head")                      any op that reads lm_head's parameters
     peftc.op("aten.addmm")                        by ATen op name
     peftc.attention()                             every scaled_dot_product_attention
     peftc.attention(top=2)                        ... of the last 2 layers
     peftc.input_embeddings()                      the input-embedding lookup
     peftc.linear() & ~peftc.module(r".*lm_head")  combinations
+    peftc.linear() & ~peftc.experts()             linear ops, not stacks of experts
+
+A stack of experts (a MoE layer's 3-D weight, :mod:`peftc.sites`) is one site holding
+several experts. ``linear()`` and ``module()`` pick it whole; ``experts(indices=...)`` picks
+some of its experts, and combinations work per expert: ``|`` unites the experts picked,
+``&`` intersects them, ``~`` takes the others (``~experts(indices=[0])`` is every expert but 0,
+and every site that isn't a stack of experts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 
 from torch import fx, nn
 
 from .errors import RuleError
-from .sites import Site, find_sites, layer_index
+from .sites import EXPERTS, Site, find_sites, layer_index
 
 
 def discover(gm: fx.GraphModule, model: nn.Module, prefix: str, selectors: Iterable[Selector]) -> list[Site]:
@@ -75,6 +84,25 @@ class Selector:
         return self.describe()
 
 
+def _parts(site: Site) -> frozenset[int]:
+    """What a selector may pick of a site: its experts' indices (a stack of experts), or the
+    site whole (``{0}``)."""
+    if site.kind != EXPERTS:
+        return frozenset({0})
+    return frozenset(range(site.experts) if site.expert_ids is None else site.expert_ids)
+
+
+def _narrowed(site: Site, parts: frozenset[int]) -> Site:
+    """``site`` with only ``parts`` of it picked (all of them: the site itself)."""
+    whole = dataclasses.replace(site, expert_ids=None)
+    return site if parts == _parts(whole) else dataclasses.replace(site, expert_ids=tuple(sorted(parts)))
+
+
+def _picks(selector: Selector, sites: list[Site]) -> dict[str, frozenset[int]]:
+    """``{weight path: parts}`` of the sites ``selector`` picks."""
+    return {s.weight_path: _parts(s) for s in selector.select(sites)}
+
+
 class _Combine(Selector):
     def __init__(self, how: str, parts: tuple[Selector, ...]):
         self.how, self.parts = how, parts
@@ -84,9 +112,16 @@ class _Combine(Selector):
         return fold(part(site) for part in self.parts)
 
     def select(self, sites):
-        picked = [{id(s) for s in part.select(sites)} for part in self.parts]
-        fold = any if self.how == "|" else all
-        return [s for s in sites if fold(id(s) in ids for ids in picked)]
+        picked = [_picks(part, sites) for part in self.parts]
+        out = []
+        for s in sites:
+            found = [p[s.weight_path] for p in picked if s.weight_path in p]
+            if not found or (self.how == "&" and len(found) < len(picked)):
+                continue
+            parts = frozenset().union(*found) if self.how == "|" else frozenset.intersection(*found)
+            if parts:
+                out.append(_narrowed(s, parts))
+        return out
 
     def describe(self) -> str:
         return "(" + f" {self.how} ".join(p.describe() for p in self.parts) + ")"
@@ -110,8 +145,9 @@ class _Not(Selector):
         return not self.inner(site)
 
     def select(self, sites):
-        picked = {id(s) for s in self.inner.select(sites)}
-        return [s for s in sites if id(s) not in picked]
+        picked = _picks(self.inner, sites)
+        rest = [(s, _parts(s) - picked.get(s.weight_path, frozenset())) for s in sites]
+        return [_narrowed(s, parts) for s, parts in rest if parts]
 
     def describe(self) -> str:
         return f"~{self.inner.describe()}"
@@ -186,6 +222,47 @@ class _Top(Selector):
         return self.inner.hint()
 
 
+class _Experts(_Where):
+    """Stacks of experts, or (``indices``) some experts of each."""
+
+    def __init__(self, pattern, layers, layers_pattern, indices):
+        super().__init__("experts", pattern, layers, layers_pattern, kinds=(EXPERTS,))
+        self.indices = None if indices is None else _as_indices(indices)
+
+    def select(self, sites):
+        picked = super().select(sites)
+        if self.indices is None:
+            return picked
+        for s in picked:
+            if max(self.indices) >= s.experts:
+                raise RuleError(f"{self.describe()}: {s.weight_path} holds {s.experts} experts (0 to "
+                                f"{s.experts - 1}); pick indices below {s.experts}")
+        return [_narrowed(s, frozenset(self.indices)) for s in picked]
+
+    def check_sites(self, sites):
+        if not any(s.kind == EXPERTS for s in sites):
+            raise RuleError(f"{self.describe()}: the model has no stack of experts (a 3-D weight read by batched or "
+                            "grouped matmuls, as in transformers' Mixtral or Qwen3-MoE experts). Select its linear "
+                            "ops with peftc.linear() instead; on a MoE model whose experts run a per-expert Python "
+                            "loop, load it with experts_implementation='grouped_mm' or 'batched_mm'")
+
+    def describe(self) -> str:
+        inner = super().describe()
+        if self.indices is None:
+            return inner
+        return f"{inner[:-1]}{'' if inner.endswith('()') else ', '}indices={sorted(self.indices)})"
+
+
+def _as_indices(indices) -> frozenset[int]:
+    try:
+        picked = None if isinstance(indices, (bool, str)) else _as_layers(indices)
+    except (TypeError, ValueError):
+        picked = None
+    if not picked or any(i < 0 for i in picked):
+        raise RuleError(f"indices={indices!r}: expected an expert index (an int >= 0) or a non-empty iterable of them")
+    return picked
+
+
 class _Predicate(Selector):
     def __init__(self, fn: Callable[[Site], bool], name: str):
         self.fn, self.name = fn, name
@@ -228,7 +305,8 @@ def _as_layers(layers) -> frozenset[int]:
 
 
 def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Selector:
-    """Linear-like ops (``linear``, ``addmm``, ``mm``/``matmul`` with a parameter operand).
+    """Linear-like ops (``linear``, ``addmm``, ``mm``/``matmul`` with a parameter operand), and
+    stacks of experts (3-D weights read by batched or grouped matmuls), each expert a linear map.
 
     Arguments:
         pattern: regex that must match the whole module path; None matches all.
@@ -236,7 +314,24 @@ def linear(pattern: str | None = None, layers=None, layers_pattern=None) -> Sele
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``) when
             the default rule finds the wrong number.
     """
-    return _Where("linear", pattern, layers, layers_pattern, kinds=("linear",))
+    return _Where("linear", pattern, layers, layers_pattern, kinds=("linear", EXPERTS))
+
+
+def experts(pattern: str | None = None, layers=None, layers_pattern=None, indices=None) -> Selector:
+    """Stacks of experts: the 3-D weights of mixture-of-experts layers (``experts.gate_up_proj
+    [E, ...]``), found by how the graph reads them (batched or grouped matmuls), not by module class.
+
+    Arguments:
+        pattern: regex that must match the whole module path (``.*experts``); None matches all.
+        layers, layers_pattern: as in :func:`linear`.
+        indices: an expert index or an iterable of them: only those experts of each stack
+            get adapters (LoRA gives each adapted expert its own pair). None: every expert.
+
+    Raises:
+        RuleError: when matched against a model with no stack of experts, or an index
+            beyond a stack's experts.
+    """
+    return _Experts(pattern, layers, layers_pattern, indices)
 
 
 def attention(pattern: str | None = None, layers=None, layers_pattern=None, top: int | None = None) -> Selector:

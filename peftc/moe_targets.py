@@ -13,8 +13,8 @@ renames the old target names of those models into *parameter* targets::
 ``"all-linear"`` and a regex are first resolved to the leaf names they match, plus,
 for ``"all-linear"``, every old name. :func:`translate` does the same. A router is a
 2-D weight read by a linear op: LoRA on it is LoRA on that linear site, with the
-same saved keys. Fused expert weights are not linear sites; peftc refuses them
-(see :func:`translate`).
+same saved keys. A fused expert weight is a site of its own kind, a stack of experts
+(:mod:`peftc.sites`), which LoRA adapts with one pair per expert as PEFT does.
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ _FUSED = {"gate_up_proj"}  # parameters that fuse two old projections: both or n
 
 
 class Targets(NamedTuple):
-    """What PEFT adapts after renaming: module names, and parameter names (suffixes of
-    parameter paths) of 2-D weights read by linear ops."""
+    """What PEFT adapts after renaming: module names, parameter names (suffixes of parameter
+    paths: a router's weight, stacks of experts), and ``{rank/alpha pattern key: factor}``:
+    a stack that fuses ``n`` old projections gets ``n`` times the rank and alpha, so that each
+    old projection keeps its rank and scaling (PEFT writes these into its ``rank_pattern`` and
+    ``alpha_pattern``)."""
 
     modules: set[str] | list[str] | str
     parameters: set[str]
+    widened: dict[str, int]
 
 
 def family(model: nn.Module | None) -> str | None:
@@ -69,12 +73,15 @@ def translate(model: nn.Module | None, targets, all_linear_names: set[str] | Non
         targets: the config's ``target_modules`` (names, or a regex string).
         all_linear_names: when the config said ``"all-linear"``, the module paths it stands for.
 
+    Returns:
+        the renamed :class:`Targets`.
+
     Raises:
         RuleError: one half of a fused pair is named without the other.
     """
     renames = _RENAMES.get(family(model) or "")
     if renames is None:
-        return Targets(all_linear_names if all_linear_names is not None else targets, set())
+        return Targets(all_linear_names if all_linear_names is not None else targets, set(), {})
     if all_linear_names is not None:
         names = {path.rsplit(".", 1)[-1] for path in all_linear_names} | set(renames)
     elif isinstance(targets, str):
@@ -89,12 +96,15 @@ def translate(model: nn.Module | None, targets, all_linear_names: set[str] | Non
             continue
         parameters.add(renames[old])
         named.setdefault(renames[old], set()).add(old)
+    widened = {}
     for new, olds in named.items():
         wanted = {o for o, n in renames.items() if n == new}
         if new in _FUSED and olds != wanted:
             raise RuleError(f"target_modules names {sorted(olds)} but not {sorted(wanted - olds)}: transformers 5 "
                             f"fused them into {new}, so PEFT (and peftc) can't adapt one without the other")
-    return Targets(modules, parameters)
+        if new in _FUSED:
+            widened[rf".*\.{re.escape(new)}"] = len(wanted)
+    return Targets(modules, parameters, widened)
 
 
 def _regex_names(model: nn.Module, pattern: str, renames: dict[str, str]) -> set[str]:
@@ -116,21 +126,3 @@ def _regex_names(model: nn.Module, pattern: str, renames: dict[str, str]) -> set
 def matches_parameter(weight_path: str, parameters: set[str]) -> bool:
     """PEFT's rule for ``target_parameters``: the full name, or a suffix after a dot."""
     return any(weight_path == p or weight_path.endswith(f".{p}") for p in parameters)
-
-
-def check_parameters(model: nn.Module | None, parameters: set[str], modules) -> None:
-    """Refuse parameter targets peftc can't adapt: weights of more than two dims (fused experts).
-
-    Raises:
-        RuleError: naming the first such weight and what to target instead.
-    """
-    if not parameters or model is None:
-        return
-    experts = [name for name, p in model.named_parameters() if p.dim() > 2 and matches_parameter(name, parameters)]
-    if experts:
-        keep = sorted(set(modules) | ({"gate"} if "gate.weight" in parameters else set()))
-        raise RuleError(
-            f"on this {type(model).__name__}, PEFT 0.21 adapts the parameters {sorted(parameters)}, and "
-            f"{experts[0]} (and {len(experts) - 1} more) are fused expert weights of {tuple(model.get_parameter(experts[0]).shape)}, "
-            "read by grouped matmuls, which peftc can't adapt yet. Target the other modules only "
-            f"(e.g. target_modules={keep}, no target_parameters) to train the rest")

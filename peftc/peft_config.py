@@ -39,8 +39,8 @@ from .adapters.prefix import Prefix
 from .adapters.prompt import Prompt, encoder_decoder
 from .adapters.vera import VeRA
 from .errors import RuleError
-from .match import Selector, attention, check_layers_pattern, compile_regex, where
-from .sites import Site, layer_index
+from .match import Selector, attention, check_layers_pattern, compile_regex, experts, where
+from .sites import EXPERTS, Site, layer_index
 
 NATIVE = "PEFTC"  # peft_type of peftc's own format, for kinds PEFT can't hold
 
@@ -218,7 +218,7 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
                         "'pissa_niter_<K>' or 'olora'")
     modules_to_save, task_type = _task_options(config)
     targets, within, parameters = config.get("target_modules"), None, set(config.get("target_parameters") or ())
-    listed = False
+    listed, widened = False, {}
     if targets is None:
         if parameters:  # PEFT: parameters alone, or with the default (none on renamed MoE models)
             targets = [] if moe_targets.family(model) else default_targets.lora_targets(model) or []
@@ -230,10 +230,9 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
         all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
         names = _all_linear(model, config.get("task_type")) if all_linear else None
         listed = not isinstance(targets, str)  # names the user wrote: each must find a site
-        targets, renamed = moe_targets.translate(model, targets, names)
+        targets, renamed, widened = moe_targets.translate(model, targets, names)
         parameters |= renamed
     if parameters:
-        moe_targets.check_parameters(model, parameters, targets)
         if config.get("lora_dropout"):
             raise RuleError(f"PEFT adapts {sorted(parameters)} of this model as parameters, which it refuses with "
                             "lora_dropout != 0 (dropout can't be factored out of a weight); set lora_dropout=0")
@@ -241,10 +240,12 @@ def _from_lora(config: dict, model: nn.Module | None) -> Translated:
         targets, config.get("exclude_modules"), config.get("layers_to_transform"),
         config.get("layers_pattern"), modules_to_save, within, parameters, listed,
     )
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     adapter = kind(
-        r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+        r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
         init=init, use_rslora=config.get("use_rslora", False),
-        rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
+        rank_pattern={**(config.get("rank_pattern") or {}), **{k: r * n for k, n in widened.items()}},
+        alpha_pattern={**(config.get("alpha_pattern") or {}), **{k: alpha * n for k, n in widened.items()}},
     )
     return Translated([Rule(selector, adapter)], modules_to_save, config.get("bias", "none"), task_type)
 
@@ -353,7 +354,8 @@ class _PeftTargets(Selector):
     def __init__(self, targets, exclude, layers, layers_pattern, modules_to_save, within=None, parameters=(),
                  listed=False):
         # targets=None with ``within``: every linear op inside those modules (the attention fallback);
-        # ``parameters``: PEFT's target_parameters, weights matched by name (a MoE router's, see moe_targets)
+        # ``parameters``: PEFT's target_parameters, weights matched by name (a MoE router's or a
+        # stack of experts', see moe_targets)
         # every regex is compiled here, so a bad one is a RuleError naming its option before
         # the model is touched (not a raw re.error from the middle of matching)
         self.targets, self.exclude = targets, exclude
@@ -369,7 +371,7 @@ class _PeftTargets(Selector):
         # Every kind of site a name reaches is selected, so LoRA adapts it or the rule raises
         # (LoRA can't adapt it): a named target is never dropped. Only the attention fallback
         # and parameter targets stay on linear ops.
-        if self.parameters and site.is_linear and moe_targets.matches_parameter(site.weight_path, self.parameters):
+        if self.parameters and _by_parameter(site) and moe_targets.matches_parameter(site.weight_path, self.parameters):
             return True
         if self.within is not None and not site.is_linear:
             return False
@@ -402,10 +404,11 @@ class _PeftTargets(Selector):
         paths = {s.path for s in sites} | {s.key for s in sites}
         missing = [t for t in (self.targets if self.listed else ()) if not _names_match([t], paths)]
         missing += [p for p in sorted(self.parameters) if not any(
-            s.is_linear and moe_targets.matches_parameter(s.weight_path, {p}) for s in sites)]
+            _by_parameter(s) and moe_targets.matches_parameter(s.weight_path, {p}) for s in sites)]
         if missing:
             raise RuleError(f"target_modules / target_parameters {missing} match no op of the model "
-                            "(no module path ends with such a name, or the weight is not read by a linear op); "
+                            "(no module path ends with such a name, or the weight is not read by a linear op "
+                            "or a batched matmul over experts); "
                             "remove them or fix their spelling")
 
     def describe(self):
@@ -417,6 +420,11 @@ class _PeftTargets(Selector):
         if self.within is not None:
             return next(iter(self.within), None)
         return self.targets if isinstance(self.targets, str) else next(iter(self.targets), None)
+
+
+def _by_parameter(site: Site) -> bool:
+    """Whether PEFT's ``target_parameters`` can name ``site``: a linear op's weight or a stack of experts."""
+    return site.is_linear or site.kind == EXPERTS
 
 
 def _names_match(names, key) -> bool:
@@ -435,8 +443,10 @@ def adapter_config(cm, name: str) -> dict:
     kinds = {type(p.adapter) for p in placements}
     if kinds == {Prompt} or kinds == {Prefix} or kinds == {PTuning}:
         return _prompt_learning_config(cm, name, kinds.pop())
-    if kinds in ({LoRA}, {DoRA}) and len({(p.adapter.use_rslora, p.adapter.changes_base and p.adapter.init)
-                                          for p in placements}) == 1:
+    # PEFT adapts a stack of experts whole: some of its experts only is peftc's own
+    whole = all(p.site.expert_ids is None for p in placements)
+    if whole and kinds in ({LoRA}, {DoRA}) and len({(p.adapter.use_rslora, p.adapter.changes_base and p.adapter.init)
+                                                    for p in placements}) == 1:
         return _lora_config(cm, name)
     if kinds == {IA3}:
         return _ia3_config(cm, name, placements)
@@ -468,7 +478,9 @@ def _native_config(cm, name: str) -> dict:
         "bias": options.get("bias", "none"),
         "modules_to_save": options.get("modules_to_save") or None,
         "sites": [{"weight_path": p.site.weight_path, "kind": p.site.kind, "op": p.site.op,
-                   "adapter": p.adapter.config()} for p in cm.sites if p.adapter_name == name],
+                   "adapter": p.adapter.config(),
+                   **({"experts": list(p.site.expert_ids)} if p.site.expert_ids is not None else {})}
+                  for p in cm.sites if p.adapter_name == name],
     }
 
 
@@ -479,17 +491,21 @@ def _from_native(config: dict, model) -> Translated:
     if any(site["kind"] == "pattern" for site in config["sites"]):
         raise RuleError("this adapter sits on pattern-matched sites; pass the rules it was built "
                          "with: from_pretrained(model, dir, rules=[...])")
-    groups: dict[str, list[str]] = {}
-    for site in config["sites"]:
-        groups.setdefault(json.dumps(site["adapter"], sort_keys=True), []).append(site["weight_path"])
+    groups: dict[tuple[str, str], list[str]] = {}
+    for site in config["sites"]:  # sites with the same adapter and (on stacks of experts) the same experts
+        key = (json.dumps(site["adapter"], sort_keys=True), json.dumps(site.get("experts")))
+        groups.setdefault(key, []).append(site["weight_path"])
     rules = []
-    for spec, paths in groups.items():
+    for (spec, picked), paths in groups.items():
         try:
             adapter = adapter_from_config(json.loads(spec))
         except RuleError as e:
             raise RuleError(f"{e}. A custom kind must be imported before loading an adapter that uses it") from e
         wanted = frozenset(paths)
-        rules.append(Rule(where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})"), adapter))
+        selector = where(lambda s, w=wanted: s.weight_path in w, f"saved_sites({len(wanted)})")
+        if json.loads(picked) is not None:
+            selector = selector & experts(indices=json.loads(picked))
+        rules.append(Rule(selector, adapter))
     return Translated(rules, list(config.get("modules_to_save") or []), config.get("bias", "none"),
                       config.get("task_type"))
 
@@ -534,12 +550,14 @@ def _lora_config(cm, name: str) -> dict:
         warnings.warn(f"adapter {name!r} has several dropouts {sorted(dropouts)}; PEFT keeps one: "
                       f"{max(dropouts)}", stacklevel=3)
     options = cm.adapter_options(name)
+    stacks = {p.key: p.site.weight_path for p in placements if p.site.kind == EXPERTS}
     return {
         **_header(cm, name, "LORA"),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts, default=0.0),
-        "target_modules": sorted(alphas),
+        "target_modules": sorted(set(alphas) - set(stacks)),
+        "target_parameters": sorted(stacks.values()) or None,
         "rank_pattern": {re.escape(k): p.state.r for p in placements
                          if p.state.r != r and (k := p.key)},
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},

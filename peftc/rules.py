@@ -12,7 +12,8 @@ A ``"quantize"`` key stores the frozen linears in 4 bits (QLoRA): ``"nf4"``, or
 "blocksize": 64, "select": {...}}`` (see :class:`peftc.Quantize`).
 
 ``select`` is ``{"linear" | "convolution" | "module": regex or null, "layers": [...],
-"layers_pattern": name}``, ``{"op": [names]}``, or ``{"any" | "all": [selects]}``
+"layers_pattern": name}``, ``{"experts": regex or null, "layers": [...], "indices": [...]}``,
+``{"op": [names]}``, or ``{"any" | "all": [selects]}``
 and ``{"not": select}`` for composition. A PEFT ``adapter_config.json`` (or a
 ``LoraConfig``) is accepted anywhere rules are; :mod:`peftc.peft_config`
 translates it.
@@ -34,7 +35,7 @@ from . import match, peft_config
 from .adapters.base import Adapter, Rule, adapter_from_config
 from .errors import PeftcError, RuleError
 from .quantization import Quantize, quantize_spec
-from .sites import Site
+from .sites import EXPERTS, Site
 
 
 @dataclass
@@ -158,13 +159,18 @@ def _selector_from_dict(data: dict) -> match.Selector:
     if "op" in data:
         names = data["op"]
         return match.op(*([names] if isinstance(names, str) else names))
+    if "experts" in data:
+        extra = set(data) - {"experts", "layers", "layers_pattern", "indices"}
+        if extra:
+            raise RuleError(f"unknown selector keys {sorted(extra)} in {data!r}")
+        return match.experts(data["experts"], data.get("layers"), data.get("layers_pattern"), data.get("indices"))
     for kind in ("linear", "convolution", "module"):
         if kind in data:
             extra = set(data) - {kind, "layers", "layers_pattern"}
             if extra:
                 raise RuleError(f"unknown selector keys {sorted(extra)} in {data!r}")
             return getattr(match, kind)(data[kind], data.get("layers"), data.get("layers_pattern"))
-    raise RuleError(f"unknown selector {data!r}: use linear, convolution, module, op, any, all or not")
+    raise RuleError(f"unknown selector {data!r}: use linear, convolution, module, experts, op, any, all or not")
 
 
 def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
@@ -192,7 +198,8 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
         for site in hits:
             why = rule.adapter.unsupported(site)
             if why:
-                raise RuleError(f"rule {rule} selects {site}: {why}. Narrow the selector, e.g. with peftc.linear(...)")
+                narrow = "& ~peftc.experts()" if site.kind == EXPERTS else "peftc.linear(...)"
+                raise RuleError(f"rule {rule} selects {site}: {why}. Narrow the selector, e.g. with {narrow}")
             if site.weight_path in claimed:
                 raise RuleError(
                     f"rules {claimed[site.weight_path]} and {rule} both select {site.path}. "

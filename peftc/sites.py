@@ -14,6 +14,18 @@ Linear-like ops are recognised in every form models write them::
 Convolutions (``aten.conv1d/2d/3d``, their ``padding="same"`` overloads, ``aten.convolution``
 and the transposed ones) are ``"convolution"`` sites, one per weight, with their bias and
 geometry (:class:`Conv`) read from the op's arguments.
+
+A stack of experts (a 3-D weight ``W[E, ...]``, transformers 5's fused MoE experts) is
+a site of kind ``"experts"`` when every read of it reaches a batched matmul through
+expert-picking and transposing views only, whatever the experts' code is::
+
+    grouped_mm(x, transpose(W[E,out,in], -2, -1), offs)    grouped_mm experts    layout "out_in"
+    bmm(index(W[E,out,in], [ids]), x[..., None])            batched_mm experts    layout "out_in"
+    linear(x, select(W[E,out,in], 0, e))                    one expert's linear   layout "out_in"
+    bmm(x, index(W[E,in,out], [ids]))                       transposed storage    layout "in_out"
+
+Its nodes are the weight's reads (``get_attr``), so an adapter there rewrites the weight
+every matmul of the stack sees.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ LINEAR = "linear"
 ATTENTION = "attention"
 CONVOLUTION = "convolution"
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+EXPERTS = "experts"
 _SDPA = {aten.scaled_dot_product_attention.default}
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 # Between an eager attention's q @ k^T and its softmax: scaling, soft-capping, masks and biases, casts, views.
@@ -83,8 +96,8 @@ class Site:
     Attributes:
         path: module path in the user's model (``model.layers.0.mlp.up_proj``).
         weight_name: the parameter's name inside that module (``weight``).
-        kind: ``"linear"`` for linear-like ops; otherwise the ATen op name
-            (``"embedding"``, ``"convolution"``...), which no built-in adapter supports.
+        kind: ``"linear"`` for linear-like ops, ``"experts"`` for a stack of experts,
+            ``"attention"``; otherwise the ATen op name (``"embedding"``, ``"convolution"``...).
         op: the ATen op of the first node (``aten.linear.default``).
         layout: ``"out_in"`` or ``"in_out"``: how the weight is stored for linear ops.
         in_features, out_features: the linear map's sizes; for an ``"embedding"`` lookup,
@@ -101,6 +114,10 @@ class Site:
             its queries (cross-attention: key and query lengths differ by more than a constant).
         encoder: whether the site is in an encoder-decoder model's encoder.
         input_embedding: whether this is the lookup of the model's input embeddings.
+        experts: at an ``"experts"`` site, how many experts the stack holds (its weight's
+            first dim); ``in_features`` and ``out_features`` are then each expert's.
+        expert_ids: the experts of the stack a selector picked (``peftc.experts(indices=...)``);
+            None: all of them.
         projections: at an ``"attention"`` site, the module paths of the linear ops that
             make its ``"key"`` and ``"value"`` and take its ``"output"``, where one op
             does (see :func:`attention_projections`); ``"output_bias"`` when the output
@@ -127,6 +144,8 @@ class Site:
     cross: bool = False
     encoder: bool = False
     projections: dict[str, str] = field(default_factory=dict)
+    experts: int = 0
+    expert_ids: tuple[int, ...] | None = None
 
     @property
     def weight_path(self) -> str:
@@ -157,6 +176,8 @@ class Site:
             shape = f"{self.heads} heads x {self.head_dim}"
         if self.conv is not None:
             shape = f"{self.in_features}->{self.out_features} kernel {self.conv.kernel}"
+        if self.kind == EXPERTS:
+            shape = f"{self.experts} experts x {self.in_features}->{self.out_features}"
         return f"{self.path} [{self.op} {shape}]"
 
 
@@ -227,9 +248,75 @@ def input_embeddings_of(model: nn.Module) -> nn.Module | None:
     except NotImplementedError:
         return None
 
+# Views an expert stack is read through before its matmul: they pick experts (dim 0) or cast,
+# and keep each expert's matrix, perhaps transposed (``_flips``).
+_EXPERT_VIEWS = {aten.transpose.int, aten.permute.default, aten.index.Tensor, aten.select.int,
+                 aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default,
+                 aten.alias.default, aten.detach.default}
+_BATCHED = {aten.bmm.default, aten.matmul.default, aten.mm.default, aten._grouped_mm.default}
+
+
+def expert_layout(weight: fx.Node) -> tuple[str, fx.Node] | None:
+    """How a 3-D weight ``W[E, a, b]`` is read, if every read is a batched matmul over
+    its experts: ``(layout, first matmul)``, the layout ``"out_in"`` when ``a`` is each
+    expert's output size (``W[e] @ x`` or ``x @ W[e].T``), ``"in_out"`` when it is the input size."""
+    val = weight.meta.get("val")
+    if val is None or val.dim() != 3:
+        return None
+    layouts, first, todo = set(), None, [(weight, u, False) for u in weight.users]
+    while todo:
+        src, user, flipped = todo.pop()
+        if user.op != "call_function":
+            return None
+        if user.target in _EXPERT_VIEWS and user.args[0] is src and _keeps_experts(user):
+            flipped ^= _flips(user)
+            todo += [(user, u, flipped) for u in user.users]
+            continue
+        position = _matmul_operand(user, src)
+        if position is None:
+            return None
+        # the weight as a right operand is [in, out] (x @ W); as a left one, or in a linear, [out, in]
+        stored_in_out = position == 1 and user.target != aten.linear.default
+        layouts.add("in_out" if stored_in_out != flipped else "out_in")
+        first = first or user
+    return (layouts.pop(), first) if len(layouts) == 1 else None
+
+
+def _keeps_experts(node: fx.Node) -> bool:
+    """Whether a view keeps each expert's matrix whole: it picks along dim 0 or changes nothing else."""
+    if node.target == aten.index.Tensor:
+        return len(node.args[1]) == 1
+    if node.target == aten.select.int:
+        return node.args[1] == 0
+    if node.target == aten.permute.default:
+        return list(node.args[1])[0] in (0, -3)
+    if node.target == aten.transpose.int:
+        return _flips(node) or node.args[1] == node.args[2]
+    return True
+
+
+def _flips(node: fx.Node) -> bool:
+    """Whether a view swaps the last two dims of the matrices it passes on."""
+    if node.target == aten.transpose.int:
+        ndim = node.args[0].meta["val"].dim()
+        return sorted(d % ndim for d in node.args[1:3]) == [ndim - 2, ndim - 1]
+    if node.target == aten.permute.default:
+        ndim = len(node.args[1])
+        return [d % ndim for d in node.args[1]][-2:] == [ndim - 1, ndim - 2]
+    return False
+
+
+def _matmul_operand(node: fx.Node, src: fx.Node) -> int | None:
+    """Which operand (0 or 1) of a matmul-like op ``src`` is; None if ``node`` is none."""
+    grouped = "grouped_mm" in str(node.target)  # torch's and transformers' grouped matmuls
+    if node.target not in _BATCHED and node.target != aten.linear.default and not grouped:
+        return None
+    args = list(node.args[:2])
+    return args.index(src) if src in args and args.count(src) == 1 else None
+
 
 def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[Site]:
-    """Every parameter-consuming op and attention op of ``gm``, grouped by weight, in graph order.
+    """Every parameter-consuming op, stack of experts and attention op of ``gm``, grouped by weight.
 
     Arguments:
         prefix: what the graph's module paths carry in front of the model's own
@@ -257,6 +344,20 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             Site(path, wname, LINEAR, _op_name(node), use.layout, int(in_f), int(out_f),
                  dtype, weight.device, layer_index(path), has_bias=bias is not None,
                  bias_name=_bias_name(bias, path, prefix)),
+        )
+        site.nodes.append(node.name)
+    for node in gm.graph.nodes:  # expert stacks: the weight's reads
+        if node.op != "get_attr" or node.target not in params or (found := expert_layout(node)) is None:
+            continue
+        layout, first = found
+        weight = params[node.target]
+        path, wname = _site_name(first, weight, node.target, model, owners, prefix)
+        experts, a, b = weight.shape
+        out_f, in_f = (a, b) if layout == "out_in" else (b, a)
+        site = sites.setdefault(
+            f"{path}.{wname}",
+            Site(path, wname, EXPERTS, _op_name(first), layout, int(in_f), int(out_f), weight.dtype,
+                 weight.device, layer_index(path), experts=int(experts)),
         )
         site.nodes.append(node.name)
     for node in gm.graph.nodes:
@@ -289,7 +390,7 @@ def find_sites(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> list[S
             weight = params[arg.target]
             path, wname = _site_name(node, weight, arg.target, model, owners, prefix)
             known = sites.get(f"{path}.{wname}")
-            if known is not None and known.is_linear:
+            if known is not None and known.kind in (LINEAR, EXPERTS):
                 continue  # a linear site holds linear ops only (x @ W.T's transpose, W ** 2 elsewhere)
             lookup = node.target == aten.embedding.default and arg is node.args[0]
             rows, width = weight.shape if lookup else (0, 0)

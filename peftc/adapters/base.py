@@ -65,6 +65,11 @@ class Adapter:
         if cls.__dict__.get("kind"):
             _KINDS[cls.kind] = cls
 
+    def gates_itself_at(self, site: Site) -> bool:
+        """Whether the kind applies its gate itself at ``site`` (default: :attr:`gates_itself`);
+        LoRA does at a stack of experts, selecting its small factors rather than the whole weight."""
+        return self.gates_itself
+
     def on(self, selector: Selector) -> Rule:
         """A rule that puts this adapter on every site ``selector`` picks."""
         return Rule(selector, self)

@@ -38,6 +38,21 @@ Merging adds ``scaling * B A`` over the channels, ``[out, in, *kernel]``: the tw
 in one, exact because ``lora_B`` is pointwise. With groups > 1 the sum isn't a grouped
 kernel, and merging is refused, as PEFT refuses it.
 
+At a stack of experts (``W[E, out, in]`` read by batched or grouped matmuls; see
+:mod:`peftc.sites`) each adapted expert ``e`` has its own pair, held in PEFT's layout:
+``lora_A [k*r, in]`` (rows ``e*r .. e*r+r``) and ``lora_B [out, r*k]`` (columns ``j*k + e``),
+for the ``k`` experts adapted (all, unless a selector picked some: ``peftc.experts(indices=...)``).
+The weight every matmul of the stack reads becomes ``W + scaling * B_e A_e`` per expert, as
+PEFT's ``target_parameters`` does (no dropout, as in PEFT)::
+
+    W = get_attr(experts.gate_up_proj)     W  = get_attr(experts.gate_up_proj)
+                                    ==>    a  = aten.view(lora_A, [k, r, in])
+                                           b  = aten.permute(aten.view(lora_B, [out, r, k]), [2, 0, 1])
+                                           W2 = aten.baddbmm(W, b * scaling, a)      # or index_add(W, 0, ids, bmm)
+
+with ``lora_A`` and ``lora_B`` first selected by the gate (``where(gate, A, 0)``): the small
+factors, not the whole weight, so an inactive adapter adds exact zeros.
+
 The gate *selects* the adapted output or the original one; it never multiplies.
 Gating by a zero scaling (``d * where(gate, scaling, 0)``) would let NaN or inf
 in an inactive adapter's A or B reach the output (``NaN * 0 = NaN``); ``where``
@@ -56,7 +71,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError, RuleError
-from ..sites import CONVOLUTION
+from ..sites import CONVOLUTION, EXPERTS
 from ..storage import is_packed, read_as
 from .base import Adapter, check_rank_alpha, conv_refusal, pattern_value, widen
 
@@ -142,6 +157,49 @@ class LoRAConvState(_LowRank):
                          scaling, dtype)
 
 
+class LoRAExpertsState(_LowRank):
+    """One low-rank pair per adapted expert of a stack, in PEFT's layout (see the module docstring).
+
+    Attributes:
+        r: the rank of each expert's pair.
+        experts: the adapted experts' indices, as a buffer (read by the graph when they are
+            not all of them).
+        nesting: how many other adapted stacks of the same module come after this one in
+            the module's parameter order: PEFT nests one wrapper per stack, so this one's
+            saved keys carry that many ``base_layer.`` parts.
+    """
+
+    _a, _b = "lora_A", "lora_B"
+
+    def __init__(self, r: int, experts: list[int], in_features: int, out_features: int, scaling: float, dtype):
+        super().__init__(r * len(experts), in_features, out_features, scaling, dtype)
+        self.register_buffer("experts", torch.tensor(experts, dtype=torch.long))
+        self.r, self.nesting = r, 0
+
+    @property
+    def count(self) -> int:
+        return len(self.experts)
+
+    def real(self):
+        return self.lora_A, self.lora_B
+
+    def write(self, a, b, scaling):
+        """Hold the pairs ``(a, b)``, of this state's shapes (a stack's pairs are never padded)."""
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+            self.scaling.copy_(scaling)
+
+    def clear(self):
+        self.write(torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B), torch.zeros_like(self.scaling))
+
+    def delta(self) -> torch.Tensor:
+        """``scaling * B_e A_e`` of each adapted expert, ``[k, out, in]``, widened (see :func:`widen`)."""
+        a = widen(self.lora_A).reshape(self.count, self.r, -1)
+        b = widen(self.lora_B).reshape(self.lora_B.shape[0], self.r, self.count).permute(2, 0, 1)
+        return widen(self.scaling) * (b @ a)
+
+
 class LoRA(Adapter):
     """Low-rank adaptation of linear-like ops, embedding lookups and convolutions.
 
@@ -192,9 +250,14 @@ class LoRA(Adapter):
     def unsupported(self, site):
         if site.kind == CONVOLUTION:
             return self._unsupported_conv(site)
+        if site.kind == EXPERTS:
+            if self.dropout or self.changes_base:
+                return (f"LoRA on a stack of experts takes no dropout and no PiSSA/OLoRA init (PEFT's neither), "
+                        f"got dropout={self.dropout}, init={self.init!r}; use dropout=0 and init=True there")
+            return None
         if not site.is_linear and site.kind != EMBEDDING:
-            return (f"LoRA supports linear-like ops (linear, addmm, mm, matmul), embedding lookups and "
-                    f"convolutions, not {site.op}")
+            return (f"LoRA supports linear-like ops (linear, addmm, mm, matmul), embedding lookups, convolutions "
+                    f"and stacks of experts, not {site.op}")
         return None
 
     def _unsupported_conv(self, site) -> str | None:
@@ -219,8 +282,18 @@ class LoRA(Adapter):
         return isinstance(self.init, str) and self.init != "gaussian"
 
     def init_states(self, sites, model):
-        """PiSSA and OLoRA start from each site's weight; the other inits don't read it."""
+        """PiSSA and OLoRA start from each site's weight; the other inits don't read it.
+        A stack of experts learns how PEFT nests it among the module's other adapted stacks."""
         states = super().init_states(sites, model)
+        stacks: dict[str, list[str]] = {}
+        for site in sites:
+            if site.kind == EXPERTS:
+                stacks.setdefault(site.path, []).append(site.weight_name)
+        for site, (_, state) in zip(sites, states, strict=True):
+            if site.kind == EXPERTS:  # PEFT wraps a module's parameters in their order, the first innermost
+                order = [n for n, _ in model.get_submodule(site.path).named_parameters(recurse=False)
+                         if n in stacks[site.path]]
+                state.nesting = len(order) - 1 - order.index(site.weight_name)
         if self.changes_base:
             for site, (_, state) in zip(sites, states, strict=True):
                 self._from_weight(site, state, model.get_parameter(site.weight_path))
@@ -257,9 +330,14 @@ class LoRA(Adapter):
         state.lora_A.copy_(a.contiguous())
         state.lora_B.copy_(b.contiguous())
 
-    def init_state(self, site) -> LoRAState | LoRAEmbeddingState | LoRAConvState:
+    def init_state(self, site) -> LoRAState | LoRAEmbeddingState | LoRAConvState | LoRAExpertsState:
         r, _ = self.rank_and_alpha(site)
         dtype = site.dtype if site.dtype == torch.float64 else torch.float32
+        if site.kind == EXPERTS:  # PEFT's init of its [k*r, in] and [out, k*r] pair, as on a linear
+            experts = list(range(site.experts)) if site.expert_ids is None else list(site.expert_ids)
+            state = LoRAExpertsState(r, experts, site.in_features, site.out_features, self.scaling(site), dtype)
+            self._init_pair(state.lora_A, state.lora_B, r)
+            return state
         if site.kind == EMBEDDING:  # PEFT: A zeros and B normal, or (init=False) both normal
             state = LoRAEmbeddingState(r, site.in_features, site.out_features, self.scaling(site), dtype)
             with torch.no_grad():
@@ -273,24 +351,29 @@ class LoRA(Adapter):
             state = LoRAConvState(r, site, self.scaling(site), dtype)
         else:
             state = LoRAState(r, site.in_features, site.out_features, self.scaling(site), dtype)
-        with torch.no_grad():
-            if self.changes_base:  # filled from the weight by init_states
-                return state
-            if self.init == "gaussian":
-                nn.init.normal_(state.lora_A, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(state.lora_A, a=math.sqrt(5))
-            if self.init is False:
-                nn.init.kaiming_uniform_(state.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(state.lora_B)
+        if not self.changes_base:  # else filled from the weight by init_states
+            self._init_pair(state.lora_A, state.lora_B, r)
         return state
+
+    @torch.no_grad()
+    def _init_pair(self, a: torch.Tensor, b: torch.Tensor, r: int) -> None:
+        """PEFT's init of a linear pair: A Kaiming-uniform (or normal, std 1/r), B zeros (or Kaiming-uniform)."""
+        if self.init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if self.init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
 
     def emit(self, b, site):
         if site.kind == EMBEDDING:
             return self._emit_embedding(b, site)
         if site.kind == CONVOLUTION:
             return self._emit_conv(b, site)
+        if site.kind == EXPERTS:
+            return self._emit_experts(b, site)
         state_dtype = b.state.lora_A.dtype
         x = b.cast(b.x, state_dtype)
         if b.training:  # backward too: an inactive adapter's rows pass no gradient, even 0 @ NaN
@@ -328,7 +411,32 @@ class LoRA(Adapter):
         d = b.call(aten.mul.Tensor, d, b.param("scaling"))
         return b.cast(b.call(aten.add.Tensor, b.y, d), site.dtype)
 
+    def gates_itself_at(self, site):
+        return site.kind == EXPERTS
+
+    def _emit_experts(self, b, site):
+        """The stack's weight plus each adapted expert's ``scaling * B_e A_e`` (in its layout), in one
+        ``baddbmm`` over the weight when every expert is adapted. The gate selects the factors or
+        zeros (never multiplies), so an inactive adapter adds exact zeros and passes no gradient."""
+        state = b.state
+        k, r = state.count, state.r
+        a, lb = b.param("lora_A"), b.param("lora_B")
+        a, lb = b.gated(a, a, 2), b.call(aten.mul.Tensor, b.gated(lb, lb, 2), b.param("scaling"))
+        a = b.cast(b.call(aten.view.default, a, [k, r, site.in_features]), site.dtype)
+        lb = b.call(aten.view.default, b.cast(lb, site.dtype), [site.out_features, r, k])
+        lb = b.call(aten.permute.default, lb, [2, 0, 1])  # [k, out, r]
+        left, right = (lb, a) if site.layout == "out_in" else (b.call(aten.transpose.int, a, 1, 2),
+                                                               b.call(aten.transpose.int, lb, 1, 2))
+        if k == site.experts:
+            return b.call(aten.baddbmm.default, b.y, left, right)
+        return b.call(aten.index_add.default, b.y, 0, b.param("experts"), b.call(aten.bmm.default, left, right))
+
     def merge_delta(self, site, state, weights):
+        if site.kind == EXPERTS:
+            delta = state.delta()
+            delta = delta if site.layout == "out_in" else delta.transpose(1, 2)
+            full = torch.zeros_like(weights[site.weight_name]).index_add(0, state.experts, delta)
+            return {site.weight_name: full}
         a, b = state.real()
         if site.kind == CONVOLUTION:
             if site.conv.groups > 1:
@@ -345,6 +453,8 @@ class LoRA(Adapter):
         a, b = state.real()  # the adapter's own rank, as PEFT saves it, in a reserved slot too
         if site.kind == EMBEDDING:
             return {f"{prefix}lora_embedding_A": a, f"{prefix}lora_embedding_B": b}
+        if site.kind == EXPERTS:  # PEFT's key: the module's, inside as many wrappers as stacks come after
+            prefix = prefix.removesuffix(f"{site.weight_name}.") + "base_layer." * state.nesting
         return {f"{prefix}lora_A.weight": a, f"{prefix}lora_B.weight": b}
 
     def reserved(self, max_rank):
@@ -354,6 +464,9 @@ class LoRA(Adapter):
     def misfit(self, site, room, state):
         if not isinstance(room, LoRA):
             return f"{self!r} can't replace {room!r}"
+        if site.kind == EXPERTS and (self.rank_and_alpha(site)[0] != state.r):
+            return (f"its rank {self.rank_and_alpha(site)[0]} at the stack of experts {site.path} differs from "
+                    f"the rank {state.r} there: a stack's pairs can't be padded")
         if self.dropout != room.dropout:
             return (f"its dropout {self.dropout} differs from {room.dropout}, which the graph was built with "
                     "(dropout is a constant of the training graph)")
@@ -395,7 +508,7 @@ class LoRA(Adapter):
             raise RuleError(f"combination_type={how!r}; use one of {_COMBINATIONS}")
         if any(not isinstance(p.state, LoRAState) for p in sources):
             raise RuleError("add_weighted_adapter combines LoRA adapters on linear ops only "
-                            "(not other kinds, nor LoRA on embeddings or convolutions)")
+                            "(not other kinds, nor LoRA on embeddings, convolutions or stacks of experts)")
         ranks = {p.state.r for p in sources}
         if how == "linear" and len(ranks) != 1:
             raise RuleError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")

@@ -182,6 +182,6 @@ def ndim_of(node: fx.Node) -> int:
 
 
 def site_input(node: fx.Node):
-    """The activation an op at a site consumes."""
+    """The activation an op at a site consumes (None at a weight read: an expert stack's)."""
     use = linear_use(node)
-    return node.args[use.input_index] if use is not None else node.args[0]
+    return node.args[use.input_index] if use is not None else (node.args[0] if node.args else None)

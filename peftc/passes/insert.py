@@ -58,7 +58,7 @@ def insert_adapters(gm: fx.GraphModule, placements: list[Placement], sites: dict
             anchor = node.prev if p.adapter.position == "before" else y
             b = Builder(gm.graph, node, anchor, y, p, training)
             new = p.adapter.emit(b, here)
-            if new is not y and p.adapter.gated and not p.adapter.gates_itself:
+            if new is not y and p.adapter.gated and not p.adapter.gates_itself_at(here):
                 new = b.gate(new, y)
             if new is not y:
                 new.meta[META_REPLACES] = y
