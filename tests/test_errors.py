@@ -116,7 +116,7 @@ def test_two_rules_on_one_site(llama_model):
 def test_lora_on_unsupported_op_by_name(small):
     # LoRA on embeddings is supported (tests/test_lora_embedding.py); a normalisation is not
     compile_fails(small, [peftc.LoRA(r=4).on(peftc.op("aten.layer_norm"))], peftc.RuleError,
-                  "LoRA supports linear-like ops .* embedding lookups and convolutions, not aten.layer_norm",
+                  "LoRA supports linear-like ops .* embedding lookups, convolutions and stacks of experts, not aten.layer_norm",
                   example_inputs=SMALL_INPUT)
 
 

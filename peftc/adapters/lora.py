@@ -172,7 +172,7 @@ class LoRAExpertsState(_LowRank):
     _a, _b = "lora_A", "lora_B"
 
     def __init__(self, r: int, experts: list[int], in_features: int, out_features: int, scaling: float, dtype):
-        super().__init__(r * len(experts), in_features, out_features, scaling, dtype)
+        super().__init__((r * len(experts), in_features), (out_features, r * len(experts)), scaling, dtype)
         self.register_buffer("experts", torch.tensor(experts, dtype=torch.long))
         self.r, self.nesting = r, 0
 
