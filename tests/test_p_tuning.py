@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import (
     BUILDERS,
-    VOCAB,
     assert_counts_like_peft,
     assert_greedy_like_peft,
     assert_unchanged,
@@ -17,6 +16,7 @@ from conftest import (
     make_llama,
     make_t5,
     padded_batch,
+    seq2seq_batch,
     snapshot,
 )
 from safetensors.torch import load_file
@@ -104,11 +104,7 @@ def test_encoder_decoder_like_peft(name, encoder, tmp_path, capsys):
     pm, cm = _pair(encoder, name)
     assert cm.sites[0].state.embedding.shape[0] == 8
     assert_counts_like_peft(cm, pm, capsys)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.randint(3, VOCAB, (2, 4), generator=g))
+    batch = seq2seq_batch()
     with torch.no_grad():
         ours, theirs = cm(**batch), pm(**batch)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
