@@ -110,6 +110,15 @@ def _task_options(config: dict) -> tuple[list[str], str | None]:
     return modules_to_save, task_type
 
 
+def _check_submodules(config: dict, model, what: str) -> None:
+    """A prompt-learning config's ``num_transformer_submodules`` must be the table peftc builds on ``model``."""
+    submodules, want = config.get("num_transformer_submodules"), 2 if encoder_decoder(model) else 1
+    if submodules is not None and model is not None and submodules != want:
+        raise RuleError(f"num_transformer_submodules={submodules}: peftc's {what} of "
+                        f"{type(model).__name__} has {want} (2 for encoder-decoder models, whose table holds "
+                        "2 * num_virtual_tokens rows, as PEFT's SEQ_2_SEQ_LM; else 1)")
+
+
 def _from_prompt(config: dict, model) -> Translated:
     init = str(config.get("prompt_tuning_init", "RANDOM")).rsplit(".", 1)[-1].upper()
     inits = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
@@ -128,11 +137,7 @@ def _from_prompt(config: dict, model) -> Translated:
         except Exception as e:
             raise RuleError(f"can't load the tokenizer {path!r} for TEXT init (no model hub here: "
                             f"give a local path, or build peftc.Prompt(init='text', tokenizer=...)): {e}") from e
-    submodules, want = config.get("num_transformer_submodules"), 2 if encoder_decoder(model) else 1
-    if submodules is not None and model is not None and submodules != want:
-        raise RuleError(f"num_transformer_submodules={submodules}: peftc's prompt tuning of "
-                        f"{type(model).__name__} has {want} (2 for encoder-decoder models, whose table holds "
-                        "2 * num_virtual_tokens rows, as PEFT's SEQ_2_SEQ_LM; else 1)")
+    _check_submodules(config, model, "prompt tuning")
     adapter = Prompt(config.get("num_virtual_tokens") or 0, inits[init],
                      config.get("prompt_tuning_init_text"), tokenizer)
     modules_to_save, task_type = _task_options(config)
@@ -177,9 +182,7 @@ def _from_p_tuning(config: dict, model) -> Translated:
                       "to the LSTM encoder only; the MLP encoder has two hidden layers and no dropout (as in PEFT)",
                       UserWarning, stacklevel=4)
         num_layers, dropout = 2, 0.0
-    if (config.get("num_transformer_submodules") or 1) != 1:
-        raise RuleError("P-tuning of encoder-decoder models (num_transformer_submodules=2) is not supported; "
-                        "use a decoder-only or encoder-only model")
+    _check_submodules(config, model, "P-tuning")
     adapter = PTuning(config.get("num_virtual_tokens") or 0, config.get("encoder_hidden_size"), encoder,
                       num_layers, dropout, folded=bool(config.get("inference_mode")))
     modules_to_save, task_type = _task_options(config)

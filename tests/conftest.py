@@ -155,6 +155,15 @@ def padded_batch(batch: int = 3, length: int = 9, seed: int = 0):
     return ids, mask
 
 
+def seq2seq_batch(seed: int = 0) -> dict:
+    """An encoder-decoder batch: ids with a left-padded row and decoder labels of another length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=torch.randint(3, VOCAB, (2, 4), generator=g))
+
+
 def two_adapter_rules(other=r".*\.(k|o)_proj") -> tuple[list, list]:
     """The rules of :func:`two_adapter_llama`'s adapters "default" and "other"."""
     import peftc

@@ -12,8 +12,11 @@ from conftest import (
     assert_counts_like_peft,
     assert_greedy_like_peft,
     assert_unchanged,
+    make_bart,
     make_llama,
+    make_t5,
     padded_batch,
+    seq2seq_batch,
     snapshot,
 )
 from safetensors.torch import load_file
@@ -22,15 +25,18 @@ import peftc
 
 peft = pytest.importorskip("peft")
 
+_BUILDERS = {**BUILDERS, "t5": make_t5, "bart": make_bart}
+_TASKS = {"bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}
+
+
 def _config(encoder: str, name: str = "llama", **kw):
-    task = "SEQ_CLS" if name == "bert" else "CAUSAL_LM"
-    return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=4, encoder_hidden_size=16,
+    return peft.PromptEncoderConfig(task_type=_TASKS.get(name, "CAUSAL_LM"), num_virtual_tokens=4, encoder_hidden_size=16,
                                     encoder_reparameterization_type=encoder, **kw)
 
 
 def _pair(encoder: str, name: str = "llama", **kw):
     """PEFT's P-tuning model and peftc's, with PEFT's encoder weights copied into peftc's."""
-    model = BUILDERS[name]()
+    model = _BUILDERS[name]()
     pm = peft.get_peft_model(copy.deepcopy(model), _config(encoder, name, **kw)).eval()
     cm = peftc.compile(model, _config(encoder, name, **kw), backend="eager").eval()
     theirs = pm.prompt_encoder["default"].state_dict()
@@ -88,6 +94,31 @@ def test_roundtrip_both_ways(encoder, tmp_path):
         back = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "back").eval()
         assert back.peft_config["default"].encoder_reparameterization_type == encoder
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_like_peft(name, encoder, tmp_path, capsys):
+    """PEFT's seq2seq P-tuning: a 2n-row table all encoded (an LSTM's first n outputs see all 2n
+    rows), the first n before the encoder's input, decoder labels not padded; files both ways."""
+    pm, cm = _pair(encoder, name)
+    assert cm.sites[0].state.embedding.shape[0] == 8
+    assert_counts_like_peft(cm, pm, capsys)
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        ours, theirs = cm(**batch), pm(**batch)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    cm.save_pretrained(tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    base = pm.get_base_model()
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    loaded = peftc.from_pretrained(copy.deepcopy(base), tmp_path / "peft", backend="eager").eval()
+    with torch.no_grad():
+        for other in (back, loaded):
+            again = other(**batch)
+            torch.testing.assert_close(again.logits, theirs.logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(again.loss, theirs.loss, atol=1e-5, rtol=0)
 
 
 def test_trains_encoder_then_table_when_loaded(tmp_path):

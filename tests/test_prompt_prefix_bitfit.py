@@ -16,6 +16,7 @@ from conftest import (
     make_llama,
     make_t5,
     padded_batch,
+    seq2seq_batch,
     snapshot,
 )
 from hypothesis import given, settings
@@ -51,20 +52,15 @@ def test_encoder_decoder_prompt_holds_peft_s_two_tables(build, tmp_path, capsys)
     cm = peftc.from_pretrained(model, tmp_path / "peft", backend="eager", is_trainable=True).eval()
     assert cm.sites[0].state.embedding.shape[0] == 6
     assert_counts_like_peft(cm, pm, capsys)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    labels = torch.randint(3, VOCAB, (2, 4), generator=g)
+    batch = seq2seq_batch()
     with torch.no_grad():
-        ours = cm(input_ids=ids, attention_mask=mask, labels=labels)
-        theirs = pm(input_ids=ids, attention_mask=mask, labels=labels)
+        ours, theirs = cm(**batch), pm(**batch)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
     cm.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(pm.get_base_model()), tmp_path / "ours").eval()
     with torch.no_grad():
-        again = back(input_ids=ids, attention_mask=mask, labels=labels)
+        again = back(**batch)
     torch.testing.assert_close(again.logits, theirs.logits, atol=1e-5, rtol=0)
 
 

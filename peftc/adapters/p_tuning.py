@@ -13,6 +13,11 @@ The encoder only serves training: PEFT saves its output (``prompt_embeddings``,
 ``[n, hidden]``) and loads that into a bare table. A loaded adapter is
 therefore *folded*: its table is the encoder's output and no encoder is built
 (PEFT's ``inference_mode=True``); trained further, the table trains directly.
+
+On an encoder-decoder model the table holds ``2n`` rows, as prompt tuning's
+does (PEFT's two transformer submodules): the encoder runs over all ``2n``
+(so an LSTM's first ``n`` outputs see the last ``n`` rows too), the model's
+encoder reads the first ``n`` outputs, and all ``2n`` are saved.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ MLP_LAYERS = 2  # PEFT's MLP encoder has exactly two hidden layers
 
 
 class PTuningState(nn.Module):
-    """The ``[n, dim]`` table and, unless folded, PEFT's encoder (same parameter names)."""
+    """The ``[rows, dim]`` table (``2n`` rows on an encoder-decoder) and, unless folded, PEFT's encoder (same parameter names)."""
 
     def __init__(self, weight: torch.Tensor, hidden: int, encoder: str | None, num_layers: int, dropout: float):
         super().__init__()
@@ -46,7 +51,7 @@ class PTuningState(nn.Module):
         self.to(weight.device)
 
     def forward(self) -> torch.Tensor:
-        """The ``[n, dim]`` virtual tokens."""
+        """The table's rows as encoded: ``[rows, dim]``."""
         x = self.embedding.unsqueeze(0)  # one sequence of n tokens, as PEFT encodes it
         if self.lstm_head is not None:
             x = self._lstm(x)
@@ -107,13 +112,13 @@ class PTuning(Prompt):
     def init_states(self, sites, model):
         check_positions(model, self.num_virtual_tokens, "PTuning")
         table = model.get_input_embeddings().weight
-        weight = torch.randn(self.num_virtual_tokens, table.shape[1], device=table.device)  # nn.Embedding's init
+        weight = torch.randn(self.table_rows(model), table.shape[1], device=table.device)  # nn.Embedding's init
         state = PTuningState(weight, self.hidden_size or table.shape[1], None if self.folded else self.encoder,
                              self.num_layers, self.dropout)
         return [("prompt", state) for _ in sites]
 
     def virtual_tokens(self, state):
-        return state()
+        return state()[: self.num_virtual_tokens]  # the encoder (LSTM: bidirectional) runs over all rows
 
     def saved_state(self, site, state, prefix):
         if self.folded:

@@ -85,7 +85,7 @@ class Prompt(Adapter):
     def init_states(self, sites, model):
         check_positions(model, self.num_virtual_tokens, "Prompt")
         table = model.get_input_embeddings().weight
-        n = self.num_virtual_tokens * (2 if encoder_decoder(model) else 1)
+        n = self.table_rows(model)
         with torch.no_grad():
             if self.init == "random":
                 weight = torch.randn(n, table.shape[1], device=table.device)
@@ -94,6 +94,11 @@ class Prompt(Adapter):
                 weight = table[ids].detach().float().clone()
         state = PromptState(weight.float())
         return [("prompt", state) for _ in sites]
+
+    def table_rows(self, model: nn.Module) -> int:
+        """The table's rows on ``model``: ``2n`` on an encoder-decoder (PEFT's two transformer
+        submodules; the encoder reads the first ``n``), else ``n``."""
+        return self.num_virtual_tokens * (2 if encoder_decoder(model) else 1)
 
     def _init_ids(self, vocab: int, n: int) -> torch.Tensor:
         if self.init == "vocab":
