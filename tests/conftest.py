@@ -164,6 +164,15 @@ def seq2seq_batch(seed: int = 0) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=torch.randint(3, VOCAB, (2, 4), generator=g))
 
 
+def assert_seq2seq_like_peft(cm, pm, batch: dict):
+    """``cm``'s logits and loss on ``batch`` equal PEFT model ``pm``'s (1e-5); returns PEFT's output."""
+    with torch.no_grad():
+        ours, theirs = cm(**batch), pm(**batch)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    return theirs
+
+
 def two_adapter_rules(other=r".*\.(k|o)_proj") -> tuple[list, list]:
     """The rules of :func:`two_adapter_llama`'s adapters "default" and "other"."""
     import peftc
