@@ -198,8 +198,13 @@ def resolve(rules: list[Rule], sites: list[Site]) -> list[tuple[Site, Rule]]:
         for site in hits:
             why = rule.adapter.unsupported(site)
             if why:
-                narrow = "& ~peftc.experts()" if site.kind == EXPERTS else "peftc.linear(...)"
-                raise RuleError(f"rule {rule} selects {site}: {why}. Narrow the selector, e.g. with {narrow}")
+                if site.kind == EXPERTS:
+                    narrow = "e.g. with & ~peftc.experts()"
+                elif rule.adapter.default_selector() is not None:  # prompt learning: its own sites
+                    narrow = f"or give {type(rule.adapter).__name__} no selector: its default picks the sites it takes"
+                else:
+                    narrow = "e.g. with peftc.linear(...)"
+                raise RuleError(f"rule {rule} selects {site}: {why}. Narrow the selector, {narrow}")
             if site.weight_path in claimed:
                 raise RuleError(
                     f"rules {claimed[site.weight_path]} and {rule} both select {site.path}. "

@@ -136,7 +136,7 @@ def test_prefix_refuses_attention_it_cannot_reach(tmp_path):
     whose keys don't come from the cache, are named with what was found there."""
     model = make_t5()
     before = snapshot(model)
-    with pytest.raises(peftc.RuleError, match=r"encoder\.block\.0\.layer\.0\.SelfAttention.*in the encoder"):
+    with pytest.raises(peftc.RuleError, match=r"encoder\.block\.0\.layer\.0\.SelfAttention.*in the encoder.*give Prefix no selector"):
         peftc.compile(model, [peftc.Prefix(3).on(peftc.attention())], backend="eager")
     with pytest.raises(peftc.RuleError, match=r"EncDecAttention.*cross-attention"):
         peftc.compile(model, [peftc.Prefix(3).on(peftc.attention(r"decoder\..*"))], backend="eager")
