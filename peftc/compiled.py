@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
-from torch.distributed.fsdp import FSDPModule
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch built without distributed support: nothing is ever sharded
+    FSDPModule = ()
 
 from .errors import CapacityError, MergeError, PeftcError, RuleError
 from .formats import export as export_format
