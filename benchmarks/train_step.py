@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--layers 4 --hidden 512 --seq 256 --batch 4 --vocab 32000]
         [--steps 5] [--checkpointing] [--ablate [--ablate-compiled]] [--device cuda --dtype bfloat16] [--only eager]
+        [--profile 25]
 
 A Llama-architecture model (random weights), LoRA r=16 alpha=32 on all seven
 projections. Runs:
@@ -61,6 +62,8 @@ def main() -> None:
                         help="also peftc with each pass switched (eager) and compiled with dynamic=None")
     parser.add_argument("--ablate-compiled", action="store_true", help="the pass switches compiled too (slow)")
     parser.add_argument("--only", choices=["eager", "compiled"], default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile one more step of each run (torch.profiler) and print its N costliest ops")
     args = parser.parse_args()
     import peft
 
@@ -122,10 +125,11 @@ def main() -> None:
     for name, build in builders.items():  # build and first step one at a time: compile time is its own
         t0 = time.perf_counter()
         runs[name] = build()
+        built = time.perf_counter() - t0
         optimizers[name] = torch.optim.AdamW([p for p in runs[name].parameters() if p.requires_grad], lr=1e-5)
         step(runs[name], optimizers[name], batches[0], device)
         first[name] = time.perf_counter() - t0
-        print(f"built {name}: first step after {first[name]:.1f} s", flush=True)
+        print(f"built {name} in {built:.1f} s; first step after {first[name]:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, int] = {}
     for i, batch in enumerate(batches[1:]):
@@ -150,6 +154,14 @@ def main() -> None:
         print(f"{name:<{width}}  {t * 1000:8.1f} {t / ref_t:5.2f}x {t / base_t:5.2f}x  {tok:8.0f}  "
               f"{peaks[name] / 2**20:8.1f} {peaks[name] / peaks[f'PEFT {kind}']:5.2f}x  "
               f"{first[name]:7.1f} {first[name] / first[f'PEFT {kind}']:5.2f}x")
+    for name, model in runs.items() if args.profile else ():
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                              if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            step(model, optimizers[name], batches[-1], device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n{name}: one step under torch.profiler, the {args.profile} costliest ops by self time")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
 
 
 def step(model, optimizer, batch, device) -> None:

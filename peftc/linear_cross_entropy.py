@@ -40,14 +40,18 @@ def _fused(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignor
         z = torch.nn.functional.linear(hc, weight, bias).to(dtype)
         valid = tc != ignore_index
         picked = torch.where(valid, tc, 0).unsqueeze(1)
-        lse = torch.logsumexp(z, dim=1)
-        total += torch.where(valid, lse - z.gather(1, picked).squeeze(1), 0).sum()
+        target_logit = z.gather(1, picked).squeeze(1)
+        # log-sum-exp and softmax in four passes over the chunk, in place: max, shift and exp, sum, scale
+        top = z.amax(dim=1, keepdim=True)
+        g = z.sub_(top).exp_()
+        norm = g.sum(dim=1, keepdim=True)
+        lse = (top + norm.log()).squeeze(1)
+        total += torch.where(valid, lse - target_logit, 0).sum()
         count += valid.sum()
         if not (grad_h or grad_weight):
             continue
-        g = torch.exp(z.sub_(lse.unsqueeze(1)))  # softmax, in place of the chunk's logits
-        g.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=dtype))
-        g.mul_(valid.unsqueeze(1))
+        g.mul_(valid.unsqueeze(1) / norm)  # softmax on counted rows, 0 on ignored ones
+        g.scatter_add_(1, picked, -valid.unsqueeze(1).to(dtype))  # minus the one-hot target
         if grad_h:
             dh[start:start + chunk] = g.to(weight.dtype) @ weight
         if grad_weight:
