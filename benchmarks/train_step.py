@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--layers 4 --hidden 512 --seq 256 --batch 4 --vocab 32000]
         [--steps 5] [--checkpointing] [--ablate [--ablate-compiled]] [--device cuda --dtype bfloat16] [--only eager]
-        [--profile 25]
+        [--profile 25] [--cold-first]
 
 A Llama-architecture model (random weights), LoRA r=16 alpha=32 on all seven
 projections. Runs:
@@ -19,7 +19,9 @@ projections. Runs:
 Each run gets the same batches, the runs interleaved step by step so machine
 noise hits all of them; medians after one warm-up step. "first s" is the time
 from building the run (get_peft_model / peftc.compile / torch.compile) to the
-end of its first step: trace plus compile. "peak MB" is the step's peak memory
+end of its first step: trace plus compile (``--cold-first``: measured for each
+compiled run in a fresh process with an empty inductor cache, so that no run
+reuses kernels or warm-up an earlier one paid for). "peak MB" is the step's peak memory
 above what was resident before it: ``torch.cuda.max_memory_allocated`` on a GPU;
 on a Linux CPU the process's peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after ``malloc_trim``) minus its RSS before the step.
@@ -32,8 +34,13 @@ import argparse
 import copy
 import ctypes
 import gc
+import json
+import os
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -64,6 +71,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["eager", "compiled"], default=None)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then profile one more step of each run (torch.profiler) and print its N costliest ops")
+    parser.add_argument("--cold-first", action="store_true",
+                        help="time each compiled run's first step in a process of its own with an empty inductor cache")
+    parser.add_argument("--first-only", default=None, help=argparse.SUPPRESS)  # the child --cold-first runs
     args = parser.parse_args()
     import peft
 
@@ -121,6 +131,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [dict(input_ids=(ids := torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)),
                     labels=ids) for _ in range(args.steps + 1)]
+    if args.first_only is not None:
+        builders = {args.first_only: builders[args.first_only]}
     runs, optimizers, first = {}, {}, {}
     for name, build in builders.items():  # build and first step one at a time: compile time is its own
         t0 = time.perf_counter()
@@ -130,6 +142,11 @@ def main() -> None:
         step(runs[name], optimizers[name], batches[0], device)
         first[name] = time.perf_counter() - t0
         print(f"built {name} in {built:.1f} s; first step after {first[name]:.1f} s", flush=True)
+    if args.first_only is not None:
+        print(json.dumps(first[args.first_only]))
+        return
+    if args.cold_first:
+        first |= {name: cold_first_step(name) for name in runs if "compiled" in name}
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, int] = {}
     for i, batch in enumerate(batches[1:]):
@@ -162,6 +179,17 @@ def main() -> None:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"\n{name}: one step under torch.profiler, the {args.profile} costliest ops by self time")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
+
+
+def cold_first_step(name: str) -> float:
+    """Seconds from building run ``name`` to the end of its first step, in a new process whose inductor
+    cache is empty: no run gains from kernels or warm-up an earlier one paid for."""
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run([sys.executable, *sys.argv, "--first-only", name], check=True, capture_output=True,
+                             text=True, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}).stdout
+    seconds = json.loads(out.strip().splitlines()[-1])
+    print(f"{name}: first step after {seconds:.1f} s in a fresh process, empty inductor cache", flush=True)
+    return seconds
 
 
 def step(model, optimizer, batch, device) -> None:
