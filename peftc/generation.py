@@ -9,11 +9,6 @@ passes the KV cache as tensors (:mod:`peftc.kv_cache`) through the graph, so
 the programs are the usual ones: one for the first step (the prompt) and one
 for each later step (one new token), traced once per signature and reused by
 every generate call, whatever its adapters, batch or length.
-
-On a model sharded with :func:`peftc.distributed.fully_shard`, each step
-gathers each layer's weights from every rank, so every rank must step until
-all are done: generate passes transformers' ``synced_gpus=True`` unless told
-otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import functools
 import inspect
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput
@@ -64,10 +58,6 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
             _check_positions(model, prompt, new_tokens, shift)
     else:  # transformers' default length, which it cuts to the model's positions itself
         new_tokens = GenerationConfig._get_default_generation_params()["max_length"]
-    if cm.programs.sharding is not None and dist.get_world_size() > 1:
-        # FSDP's all-gathers are collective: a rank that is done steps on until every rank is (transformers
-        # turns this on by itself only for models it sharded itself)
-        kwargs.setdefault("synced_gpus", True)
     cache = GenerationCache(slots + prompt + max(new_tokens, 0))
     view = _view(model, _step(cm, cache), _Encoder(cm) if encoder_decoder else None)
     if adapter_names is None:
