@@ -39,11 +39,10 @@ def _ranks(folder: Path) -> list[dict[str, torch.Tensor]]:
 
 
 @functools.cache
-def _one_process(checkpointing: bool = False):
-    """The same steps in one process: the mean of the two halves' losses, backpropagated at once."""
+def _one_process():
+    """The same steps in one process, without checkpointing (which must not change a number): the mean
+    of the two halves' losses, backpropagated at once."""
     cm = peftc.compile(make_llama(), RULES, backend="eager").train()
-    if checkpointing:
-        cm.gradient_checkpointing_enable()
     opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.5)
     ids = torch.randint(1, 100, (8, 10), generator=torch.Generator().manual_seed(0))
     losses = []
@@ -59,7 +58,7 @@ def _one_process(checkpointing: bool = False):
 @pytest.mark.parametrize("variant", ["plain", "checkpointing"])
 def test_fsdp_two_ranks_equal_one_process(launched, variant):
     ranks = _ranks(launched / variant)
-    cm, losses = _one_process(variant == "checkpointing")
+    cm, losses = _one_process()
     for r in range(2):
         torch.testing.assert_close(ranks[r]["losses"], losses[r], atol=1e-5, rtol=0)
     trained = {n: p.detach() for n, p in cm.named_parameters() if p.requires_grad}
@@ -93,7 +92,7 @@ def test_fsdp_generate_equals_unsharded(launched):
     unsharded compiled model's tokens and logits; and when rank 0's rows all stop after one token
     while rank 1's go on, rank 0 steps along (FSDP's gathers are collective) and both are right."""
     ranks = _ranks(launched / "plain")
-    cm = _one_process(False)[0].eval()
+    cm = _one_process()[0].eval()
     for rank, ask in zip(ranks, prompts(2).chunk(2), strict=True):
         mask = torch.ones_like(ask)
         with torch.no_grad():

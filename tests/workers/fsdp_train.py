@@ -100,6 +100,7 @@ def run(out: Path, checkpointing: bool, generating: bool, steps: int = 3) -> Non
         tensors["stopped"] = stopped.sequences
     tensors["memory"] = torch.tensor([resident_base_bytes(cm), whole, layer, max(gathered)])
     cm.save_pretrained(out / "adapter")
+    out.mkdir(parents=True, exist_ok=True)  # every rank: rank 0's save_pretrained may not have made it yet
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
 
 
