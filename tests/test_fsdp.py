@@ -217,3 +217,22 @@ def test_a_root_sharded_behind_peftcs_back_is_refused_not_run_unsharded(group):
     fully_shard(cm)
     with pytest.raises(peftc.PeftcError, match="before accelerator.prepare"):
         cm(input_ids=ids, labels=ids)
+
+
+def test_accelerates_own_units_are_refused(group):
+    """Accelerate's FSDP2 plugin, told the layer class, shards each layer, the embeddings, the final norm
+    with the head (one unit), then the root: the graph would read the last two outside their units'
+    hooks, so peftc refuses to adopt them (unrefused, the first call fails deep in torch)."""
+    from torch.distributed.fsdp import fully_shard
+
+    cm = peftc.compile(make_llama(), RULES, backend="eager")
+    base = cm.base_model
+    for layer in base.model.layers:
+        fully_shard(layer)
+    fully_shard(base.model.embed_tokens)
+    fully_shard([base.model.norm, base.lm_head], reshard_after_forward=False)
+    fully_shard(cm)
+    with pytest.raises(peftc.PeftcError, match=r"model\.embed_tokens was sharded as an FSDP unit of its own.*"
+                                               r"before accelerator\.prepare"):
+        peftc.distributed.fully_shard(cm)
+    assert cm.programs.sharding is None
