@@ -55,7 +55,7 @@ def _one_process():
     return cm, torch.stack(losses, dim=1)  # [rank, step]
 
 
-@pytest.mark.parametrize("variant", ["plain", "checkpointing"])
+@pytest.mark.parametrize("variant", ["plain", "checkpointing", "accelerate"])
 def test_fsdp_two_ranks_equal_one_process(launched, variant):
     ranks = _ranks(launched / variant)
     cm, losses = _one_process()

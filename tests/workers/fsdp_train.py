@@ -1,6 +1,6 @@
 """Run by tests/test_fsdp.py under torchrun: LoRA on a tiny Llama, sharded with FSDP2
-(``peftc.distributed.fully_shard``, gloo), twice in one launch: ``<out>/plain`` and, with gradient
-checkpointing, ``<out>/checkpointing``.
+(``peftc.distributed.fully_shard``, gloo), three times in one launch: ``<out>/plain``; with gradient
+checkpointing, ``<out>/checkpointing``; prepared by Accelerate's FSDP2 plugin, ``<out>/accelerate``.
 
 Each rank trains on its half of a fixed global batch and writes, to ``<variant>/rank<r>.safetensors``,
 its losses, the whole (gathered) adapter weights, and what it measured of its memory: the bytes
@@ -54,10 +54,32 @@ def prompts(world: int) -> torch.Tensor:
     return torch.randint(3, 100, (2 * world, 6), generator=torch.Generator().manual_seed(1))
 
 
-def run(out: Path, checkpointing: bool, generating: bool, steps: int = 3) -> None:
-    """Train one sharded model and write what it did under ``out``; with ``generating``, then greedy
-    generate on this rank's prompts, twice: the second time rank 0's rows all end on their first token
-    (their own eos ids) while the other ranks go on."""
+def accelerate(cm, opt):
+    """``accelerator.prepare(cm, opt)`` with Accelerate's FSDP2 plugin (its own preparation code); and
+    the backward it wants called.
+
+    Accelerate turns FSDP on only where the ranks have an accelerator (``accelerate/state.py``
+    leaves CPU ranks at ``MULTI_CPU``, which prepares DDP), so on these CPU ranks the state is told
+    FSDP after the fact: what ``prepare`` then runs (``_prepare_fsdp2``, ``fsdp2_prepare_model``,
+    the optimizer's parameter switch) is Accelerate's own, unchanged."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator.state.distributed_type, accelerator.state.fsdp_plugin = DistributedType.FSDP, plugin
+    assert accelerator.is_fsdp2
+    prepared, opt = accelerator.prepare(cm, opt)
+    assert prepared is cm
+    return opt, accelerator.backward
+
+
+def run(out: Path, checkpointing: bool = False, generating: bool = False, accelerated: bool = False,
+        steps: int = 3) -> None:
+    """Train one sharded model and write what it did under ``out``; with ``accelerated``, prepared by
+    Accelerate after peftc sharded it; with ``generating``, then greedy generate on this rank's
+    prompts, twice: the second time rank 0's rows all end on their first token (their own eos ids)
+    while the other ranks go on."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cm = peftc.compile(make_llama(), peftc.LoRA(r=4, init=False).on(peftc.linear(r".*\.(q|v)_proj")),
                        backend="eager").train()
@@ -78,12 +100,13 @@ def run(out: Path, checkpointing: bool, generating: bool, steps: int = 3) -> Non
     for m in base.model.layers:
         m.register_forward_pre_hook(count)  # after FSDP2's own pre-hook (which it prepends): gathered
     opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.5)
+    opt, backward = accelerate(cm, opt) if accelerated else (opt, torch.Tensor.backward)
     ids = torch.randint(1, 100, (4 * world, 10), generator=torch.Generator().manual_seed(0))
     mine = ids.chunk(world)[rank]
     losses = []
     for _ in range(steps):
         loss = cm(input_ids=mine, labels=mine).loss
-        loss.backward()
+        backward(loss)
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
@@ -107,7 +130,8 @@ def run(out: Path, checkpointing: bool, generating: bool, steps: int = 3) -> Non
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     run(out / "plain", checkpointing=False, generating=True)
-    run(out / "checkpointing", checkpointing=True, generating=False)
+    run(out / "checkpointing", checkpointing=True)
+    run(out / "accelerate", accelerated=True)
     dist.destroy_process_group()
 
 
