@@ -58,7 +58,9 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
 
     Raises:
         PeftcError: no process group, a mesh that doesn't fit it, no layer found,
-            already sharded, ``cm`` sharded (by torch's ``fully_shard``) before its layers. MergeError: merged adapters. QuantizationError: a
+            already sharded, ``cm`` sharded (by torch's ``fully_shard``) before its layers, a
+            module other than the layers and ``cm`` sharded as a unit of its own (as Accelerate's
+            plugin shards the embeddings). MergeError: merged adapters. QuantizationError: a
             bitsandbytes 4-bit base. The model is unchanged then.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -80,8 +82,15 @@ def fully_shard(cm, mesh=None, *, layers: str | None = None, reshard_after_forwa
     units = _layers(model, layers)
     if isinstance(cm, FSDPModule) and not all(isinstance(layer, FSDPModule) for layer in units.values()):
         raise PeftcError("torch's fully_shard(cm) was applied to the root before its layers: the root's unit holds "
-                         "every weight and gathers all of them at once. Compile again and shard the layers first, "
-                         "or let peftc.distributed.fully_shard(cm) shard both")
+                         "every weight and gathers all of them at once (accelerator.prepare does so when its FSDP2 "
+                         "plugin wraps no layer). Compile again and call peftc.distributed.fully_shard(cm) first: it "
+                         "shards both, and accelerator.prepare keeps its units")
+    others = [name for name, m in model.named_modules() if isinstance(m, FSDPModule) and name not in units]
+    if others:
+        raise PeftcError(f"{others[0] or type(model).__name__} was sharded as an FSDP unit of its own (Accelerate's "
+                         "FSDP2 plugin shards the embeddings and the final norm and head so): the graph would read "
+                         "its weights outside that unit's hooks. Compile again and call "
+                         "peftc.distributed.fully_shard(cm) before accelerator.prepare, which then keeps its units")
     cm.programs.set_sharding(Sharding(model, units, lambda: _gathered(cm)))  # raises for a compiled backend
     originals = [p for program in cm.programs for p in program.gm.parameters()]
     originals += [p for t in cm.programs.traces() for p in t.ep.state_dict.values()]

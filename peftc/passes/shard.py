@@ -12,7 +12,9 @@ nodes moves into a region; the region reads that layer's parameters itself
 (``get_attr``, resolved at call time on the user's live modules); and the outer
 graph calls the region *through the layer*, so FSDP2's own hooks run around it.
 Every other state read resolves on the live modules too (the root's parameters,
-gathered by the root's hook before the graph runs; the adapters)::
+gathered by the root's hook before the graph runs; the adapters), except the
+constants export lifted out of the model's code, which only the traced copies
+of the modules hold::
 
     %w  = get_attr[model.layers.0.q.weight]            %A  = get_attr[peftc.adapters...lora_A]
     %A  = get_attr[peftc.adapters...lora_A]     ==>    %u0 = get_attr[shard_0]
@@ -44,6 +46,7 @@ from .derive import empty_like
 from .regions import layer_of, layer_runs, map_outputs, region_graph
 
 UNIT = "shard_{}"  # the name of run i's LayerCall in the returned graph module
+CONSTANT = "constant_{}"  # the name of the i-th constant only the traced modules hold (never the live ones)
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +114,7 @@ def sharded(gm: fx.GraphModule, plan: Sharding, prefix: str = "") -> fx.GraphMod
             raise PeftcError(f"FSDP: {read.target} belongs to layer {layer}, but {strays[0].name} reads it outside "
                              f"that layer (a weight tied across layers?). Leave {layer} out of layers=, or untie it")
     holder = _live_holder(gm, plan.model, prefix)
+    constants = _hold_constants(gm, holder)
     graph = empty_like(gm)
     env: dict[fx.Node, fx.Node] = {}
     last = {run[-1]: i for i, run in enumerate(runs)}
@@ -119,10 +123,10 @@ def sharded(gm: fx.GraphModule, plan: Sharding, prefix: str = "") -> fx.GraphMod
             i = last[node]
             layer = _layer(runs[i], layers, prefix)
             region = _outline(runs[i], {n for n, o in owner.items() if o == layer}, graph, env, UNIT.format(i))
-            holder.add_module(UNIT.format(i), LayerCall(plan.layers[layer], _over(holder, region)))
+            holder.add_module(UNIT.format(i), LayerCall(plan.layers[layer], _over(holder, region, constants)))
         elif node not in runs_of and owner.get(node) is None:
             env[node] = graph.node_copy(node, env.__getitem__)
-    return _over(holder, graph)
+    return _over(holder, graph, constants)
 
 
 def _owner(target: str, layers: frozenset[str], prefix: str) -> str | None:
@@ -163,8 +167,38 @@ def _live_holder(gm: fx.GraphModule, model: nn.Module, prefix: str) -> nn.Module
     return holder
 
 
-def _over(holder: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A graph module running ``graph`` over ``holder``'s children themselves (never copies)."""
+def _hold_constants(gm: fx.GraphModule, holder: nn.Module) -> dict[str, str]:
+    """Give ``holder`` the tensors ``gm`` reads that the live modules lack: the constants export lifted
+    out of a layer's code live only in ``gm``'s copies of the modules (the first generation step's
+    ``DynamicCache`` makes its empty keys with ``torch.tensor([])`` inside each attention module:
+    ``model.layers.0.self_attn.lifted_tensor_0``). Each is held flat, as ``CONSTANT.format(i)``.
+
+    Returns:
+        ``gm``'s target -> the name ``holder`` holds it by, for :func:`_over`.
+    """
+    targets = dict.fromkeys(n.target for n in gm.graph.nodes
+                            if n.op == "get_attr" and _lookup(holder, n.target) is None)
+    for i, target in enumerate(targets):
+        setattr(holder, CONSTANT.format(i), _lookup(gm, target))
+    return {target: CONSTANT.format(i) for i, target in enumerate(targets)}
+
+
+def _lookup(module: nn.Module, target: str):
+    """The object at dotted path ``target`` under ``module``, None if there is none."""
+    obj = module
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _over(holder: nn.Module, graph: fx.Graph, constants: dict[str, str]) -> fx.GraphModule:
+    """A graph module running ``graph`` over ``holder``'s children themselves (never copies), its
+    reads of ``constants`` retargeted to where ``holder`` holds them."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target in constants:
+            node.target = constants[node.target]
     out = fx.GraphModule(holder, graph)
     used = {n.target.split(".")[0] for n in graph.nodes if n.op in ("get_attr", "call_module")}
     for name, child in holder.named_children():  # the constructor copied the containers: share them instead
