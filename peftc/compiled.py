@@ -43,7 +43,7 @@ from .rules import checkpoint_rules, load_rules, match_rules
 from .signature import as_keywords, needs_boundary, showing_signature_of
 from .sites import EXPERTS, find_sites
 from .state import BASE, AdapterState, Placement, Reserve, train_biases
-from .trace import call_inputs, signature, trace, with_defaults
+from .trace import call_inputs, flatten, signature, trace, with_defaults
 
 
 class CompiledModel(PeftSurface, nn.Module):
@@ -70,7 +70,7 @@ class CompiledModel(PeftSurface, nn.Module):
         super().__init__()
         args, kwargs = call_inputs(model, example_inputs)
         kwargs = with_defaults(model, kwargs)
-        sig = signature(args, kwargs, model.training)
+        sig = signature(flatten(args, kwargs), model.training)
         first = trace(model, args, kwargs, sig)
         rules = load_rules(rules, model)
         spec = quantize_spec(quantize)

@@ -44,7 +44,7 @@ from .passes.quantize import quantize_reads, restore_reads
 from .passes.shard import Sharding, sharded
 from .passes.swap import swap_params
 from .state import AdapterState
-from .trace import Trace, signature, trace
+from .trace import Trace, flatten, signature, trace
 
 MAX_SIGNATURES = 32  # signatures (with their programs) a compiled model keeps; least recently used go first
 
@@ -123,14 +123,15 @@ class Programs:
 
     def select(self, args: tuple, kwargs: dict, rewrites: list, folded: Folded | None) -> Program:
         """The program for a call with these (normalised) inputs and active input rewrites."""
-        sig = signature(args, kwargs, self._model.training)
+        flat = flatten(args, kwargs)
+        sig = signature(flat, self._model.training)
         key = (sig, tuple(target for _, target in rewrites))
         for program in self._cache.get(key, ()):
-            if program.trace.accepts(args, kwargs):
+            if program.trace.accepts(flat):
                 self._cache[key] = self._cache.pop(key)  # most recently used last
                 return program
         first, self._first = self._first, None  # reused at most once
-        if first is not None and first.key == key and first.accepts(args, kwargs):
+        if first is not None and first.key == key and first.accepts(flat):
             t = first
         else:
             boundary = Boundary(self._model, self._state.root, rewrites) if rewrites else None

@@ -85,7 +85,21 @@ class Signature(NamedTuple):
     leaves: tuple  # per leaf: ("tensor", dtype, rank, device type) or ("const", type, repr)
 
 
-def signature(args: tuple, kwargs: dict, training: bool) -> Signature:
+class Flat(NamedTuple):
+    """A call's inputs flattened once (a KV cache is many tensors): the leaves of
+    ``(args, kwargs)`` with the keywords sorted by name, and their structure.
+    :func:`signature` and :meth:`Trace.accepts` both read them."""
+
+    leaves: list
+    spec: pytree.TreeSpec
+
+
+def flatten(args: tuple, kwargs: dict) -> Flat:
+    """A call's inputs as :class:`Flat`."""
+    return Flat(*pytree.tree_flatten((args, dict(sorted(kwargs.items())))))
+
+
+def signature(flat: Flat, training: bool) -> Signature:
     """Calls with equal signatures can share a trace."""
 
     def leaf(v):
@@ -93,8 +107,7 @@ def signature(args: tuple, kwargs: dict, training: bool) -> Signature:
             return ("tensor", v.dtype, v.dim(), v.device.type)
         return ("const", type(v).__name__, repr(v))
 
-    flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
-    return Signature(training, str(spec), tuple(leaf(v) for v in flat))
+    return Signature(training, str(flat.spec), tuple(leaf(v) for v in flat.leaves))
 
 
 @dataclass
@@ -148,12 +161,11 @@ class Trace:
             return (self.order(kwargs),), {}
         return args, self.order(kwargs)
 
-    def accepts(self, args: tuple, kwargs: dict) -> bool:
+    def accepts(self, flat: Flat) -> bool:
         """Whether every tensor input's static dims and symbolic ranges fit this trace."""
-        flat = pytree.tree_leaves((args, self.order(kwargs)))
-        if len(flat) != len(self._input_bounds):
+        if len(flat.leaves) != len(self._input_bounds):
             return False
-        for value, bounds in zip(flat, self._input_bounds, strict=True):
+        for value, bounds in zip(flat.leaves, self._input_bounds, strict=True):
             if bounds is None or not isinstance(value, torch.Tensor):
                 continue
             if len(bounds) != value.dim():
@@ -164,15 +176,19 @@ class Trace:
 
     @functools.cached_property
     def _input_bounds(self) -> list[list[tuple[float, float]] | None]:
-        """Per user input, ``(low, high)`` for each dim (None for a non-tensor), read off the
-        graph once: ``accepts`` runs on every call."""
+        """Per user input, in :func:`flatten`'s order (keywords sorted by name), ``(low, high)``
+        for each dim (None for a non-tensor), read off the graph once: ``accepts`` runs on every call."""
         user = [s for s in self.ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
         vals = {n.name: n.meta.get("val") for n in self.ep.graph.nodes if n.op == "placeholder"}
         out = []
         for spec in user:
             traced = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
             out.append(None if traced is None else [_dim_range(d, self.ep.range_constraints) for d in traced.shape])
-        return out
+        # the graph takes its inputs in the traced call's order: number them, then flatten as a call is
+        args, kwargs = pytree.tree_unflatten(list(range(len(out))), self.ep.call_spec.in_spec)
+        if self.boundary:  # it took the keyword inputs as one dict
+            args, kwargs = (), args[0]
+        return [out[i] for i in flatten(args, kwargs).leaves]
 
 
 def _dim_range(dim, ranges) -> tuple[float, float]:

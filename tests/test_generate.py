@@ -38,6 +38,13 @@ def make_phi3(seed: int = 0) -> torch.nn.Module:
 BUILDERS = {"llama": make_llama, "qwen2": make_qwen2, "gpt2": make_gpt2, "phi3": make_phi3,
             "t5": make_t5, "bart": make_bart}
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+SEQ2SEQ = ("t5", "bart")
+
+
+def greedy_kwargs(name: str) -> dict:
+    """Greedy generation's arguments; every step runs on an encoder-decoder (a tiny random
+    BART picks its end token first, which would leave the decode step untested)."""
+    return {**GREEDY, "min_new_tokens": GREEDY["max_new_tokens"]} if name in SEQ2SEQ else GREEDY
 
 
 def left_padded(batch: int = 3, length: int = 7, seed: int = 0):
@@ -50,13 +57,16 @@ def left_padded(batch: int = 3, length: int = 7, seed: int = 0):
 
 
 def peft_config(kind: str, name: str):
-    task = "SEQ_2_SEQ_LM" if name in ("t5", "bart") else "CAUSAL_LM"
+    task = "SEQ_2_SEQ_LM" if name in SEQ2SEQ else "CAUSAL_LM"
     if kind == "lora":
         targets = {"gpt2": ["c_attn"], "phi3": ["qkv_proj", "o_proj"], "t5": ["q", "v", "wo"]}
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets.get(name, ["q_proj", "v_proj"]),
                                init_lora_weights=False, task_type=task)
     if kind == "prompt":
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3)
+    if kind in ("p_tuning-MLP", "p_tuning-LSTM"):
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=16,
+                                        encoder_reparameterization_type=kind.split("-")[1])
     return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)
 
 
@@ -69,6 +79,19 @@ def peft_and_peftc(name: str, kind: str, tmp_path):
     return pm, peftc.from_pretrained(model, tmp_path, backend="eager")
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """``peft_and_peftc(name, kind)``, each pair built once for the tests that share it."""
+    built = {}
+
+    def pair(name: str, kind: str):
+        if (name, kind) not in built:
+            built[name, kind] = peft_and_peftc(name, kind, tmp_path_factory.mktemp(f"{name}-{kind}"))
+        return built[name, kind]
+
+    return pair
+
+
 def assert_same_generation(ref, out):
     assert torch.equal(out.sequences, ref.sequences)
     assert len(out.logits) == len(ref.logits)
@@ -77,29 +100,50 @@ def assert_same_generation(ref, out):
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_lora_greedy_equals_peft(name, tmp_path):
+def test_lora_greedy_equals_peft(name, pairs):
     """Token for token, and every step's logits within 1e-5, on a left-padded batch."""
-    pm, cm = peft_and_peftc(name, "lora", tmp_path)
+    pm, cm = pairs(name, "lora")
     ids, mask = left_padded()
     with torch.no_grad():
-        ref = pm.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    assert_same_generation(ref, cm.generate(input_ids=ids, attention_mask=mask, **GREEDY))
+        ref = pm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name))
+    assert_same_generation(ref, cm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name)))
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
-def test_prompt_and_prefix_greedy_equal_peft(name, kind, tmp_path):
+def test_prompt_and_prefix_greedy_equal_peft(name, kind, pairs):
     """Prompt tuning's virtual tokens lead the cache (T5: the encoder's input); prefix tuning's
     keys and values fill the cache's first positions (T5: the decoder's self-attention cache)."""
-    pm, cm = peft_and_peftc(name, kind, tmp_path)
+    pm, cm = pairs(name, kind)
     ids, mask = left_padded()
     with torch.no_grad():
-        ref = pm.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    assert_same_generation(ref, cm.generate(input_ids=ids, attention_mask=mask, **GREEDY))
+        ref = pm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name))
+    assert_same_generation(ref, cm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name)))
 
 
-def test_beam_search_and_sampling_equal_peft(tmp_path):
-    pm, cm = peft_and_peftc("llama", "lora", tmp_path)
+@pytest.mark.parametrize(("name", "encoder", "loaded"), [("t5", "MLP", True), ("bart", "LSTM", False)])
+def test_p_tuning_encoder_decoder_greedy_equals_peft(name, encoder, loaded, tmp_path):
+    """P-tuning on an encoder-decoder: the first n of the encoded 2n rows lead the encoder's input.
+    Trained by peftc (its encoder in the graph) or loaded back from the file peftc saved (the
+    table holding the encoder's output), it generates as PEFT does with that file."""
+    model = BUILDERS[name]()
+    torch.manual_seed(1)
+    cm = peftc.compile(copy.deepcopy(model), peft_config(f"p_tuning-{encoder}", name), backend="eager").eval()
+    cm.save_pretrained(tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    if loaded:
+        cm = peftc.from_pretrained(model, tmp_path, backend="eager")
+    assert cm.sites[0].adapter.folded == loaded
+    ids, mask = left_padded()
+    with torch.no_grad():
+        ref = pm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name))
+        base = pm.get_base_model().generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name))
+    assert max((a - b).abs().max() for a, b in zip(ref.logits, base.logits, strict=True)) > 1e-3  # it acts
+    assert_same_generation(ref, cm.generate(input_ids=ids, attention_mask=mask, **greedy_kwargs(name)))
+
+
+def test_beam_search_and_sampling_equal_peft(pairs):
+    pm, cm = pairs("llama", "lora")
     ids, mask = left_padded(2)
     beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, pad_token_id=0, do_sample=False)
     with torch.no_grad():
