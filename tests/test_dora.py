@@ -14,7 +14,14 @@ import json
 import peft
 import pytest
 import torch
-from conftest import BUILDERS, assert_unchanged, aten_ops, padded_batch, snapshot
+from conftest import (
+    BUILDERS,
+    assert_merges_to_base_graph,
+    assert_unchanged,
+    one_layer,
+    padded_batch,
+    snapshot,
+)
 from conftest import no_grad_logits as logits
 from hypothesis import given, settings
 from peft import LoraConfig
@@ -48,10 +55,12 @@ def copy_tensors(cm, pm, adapter: str = "default") -> None:
                 p.state.lora_magnitude_vector.copy_(sd[f"{key}lora_magnitude_vector.{adapter}.weight"])
 
 
-def build_pair(arch: str, config: LoraConfig, seed: int = 0, **overrides):
-    model = BUILDERS[arch](seed=seed, **overrides)
-    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).eval()
-    cm = peftc.compile(model, config, backend="eager").eval()
+def build_pair(arch: str, config: LoraConfig, seed: int = 0, train_inputs: dict | None = None, **overrides):
+    """(model, PEFT's model, peftc's) on a one-layer ``arch`` with PEFT's random tensors in both, in
+    eval mode; in training mode with ``train_inputs``, which peftc's first trace is then of."""
+    model = BUILDERS[arch](seed=seed, **{**one_layer(arch), **overrides}).train(train_inputs is not None)
+    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).train(model.training)
+    cm = peftc.compile(model, config, train_inputs, backend="eager").train(model.training)
     # the magnitude starts at the weight's row norms, as PEFT's does (B is zero: A doesn't matter)
     for p in cm.sites:
         theirs = pm.state_dict()[f"{PREFIX}{p.path}.lora_magnitude_vector.default.weight"]
@@ -103,27 +112,18 @@ def test_parity_with_peft(arch, kwargs, capsys):
 
 
 def test_merged_graph_is_the_base_graph():
-    model = BUILDERS["llama"]()
-    ids, mask = padded_batch()
-    lora = peftc.compile(copy.deepcopy(model), [peftc.LoRA(init=False).on(peftc.linear())], backend="eager")
-    lora.merge()
-    cm = peftc.compile(model, [peftc.DoRA(init=False).on(peftc.linear())], backend="eager")
-    adapted = aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask))
+    adapted = assert_merges_to_base_graph([peftc.DoRA(init=False).on(peftc.linear())])
     assert "aten.linalg_vector_norm.default" in adapted
-    cm.merge()
-    assert aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask)) == aten_ops(
-        lora.graph_module(input_ids=ids, attention_mask=mask))
-    cm.unmerge()
-    assert aten_ops(cm.graph_module(input_ids=ids, attention_mask=mask)) == adapted
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_gradients_match_peft(arch):
     no_dropout = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}.get(arch, {})
     targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
-    _, pm, cm = build_pair(arch, LoraConfig(task_type="CAUSAL_LM", r=4, use_dora=True, target_modules=targets,
-                                            fan_in_fan_out=arch == "gpt2"), **no_dropout)
     ids, mask = padded_batch()
+    _, pm, cm = build_pair(arch, LoraConfig(task_type="CAUSAL_LM", r=4, use_dora=True, target_modules=targets,
+                                            fan_in_fan_out=arch == "gpt2"),
+                           train_inputs=dict(input_ids=ids, attention_mask=mask, labels=ids), **no_dropout)
     for m in (pm, cm):
         m.train()
         m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
@@ -171,10 +171,10 @@ def test_checkpoints_both_ways(arch, tmp_path):
     keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     pm.save_pretrained(tmp_path / "theirs")
     assert keys.keys() == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()
-    loaded = peft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(BUILDERS[arch](**one_layer(arch)), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(loaded, ids, mask), want, atol=ATOL, rtol=0)
 
-    ours = peftc.from_pretrained(BUILDERS[arch](), tmp_path / "theirs", backend="eager").eval()  # and back
+    ours = peftc.from_pretrained(BUILDERS[arch](**one_layer(arch)), tmp_path / "theirs", backend="eager").eval()  # and back
     assert {type(p.adapter) for p in ours.sites} == {peftc.DoRA}
     torch.testing.assert_close(logits(ours, ids, mask), want, atol=ATOL, rtol=0)
 
@@ -182,8 +182,8 @@ def test_checkpoints_both_ways(arch, tmp_path):
 def test_config_and_native_constructor_agree():
     ids, mask = padded_batch()
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
-    from_config = peftc.compile(BUILDERS["llama"](), config, backend="eager")
-    native = peftc.compile(BUILDERS["llama"](), [peftc.DoRA(r=4, alpha=8).on(peftc.linear(r".*\.(q|v)_proj"))],
+    from_config = peftc.compile(BUILDERS["llama"](**one_layer("llama")), config, backend="eager")
+    native = peftc.compile(BUILDERS["llama"](**one_layer("llama")), [peftc.DoRA(r=4, alpha=8).on(peftc.linear(r".*\.(q|v)_proj"))],
                            backend="eager")
     for cm in (from_config, native):
         with torch.no_grad():
@@ -196,7 +196,7 @@ def test_config_and_native_constructor_agree():
 
 
 def test_adapters_switch_mix_and_disable():
-    model = BUILDERS["llama"]()
+    model = BUILDERS["llama"](**one_layer("llama"))
     cm = peftc.compile(model, [peftc.DoRA(r=2, init=False).on(peftc.linear(r".*\.(q|v)_proj"))], backend="eager")
     cm.add_adapter("other", [peftc.DoRA(r=3, init=False).on(peftc.linear(r".*\.(k|v)_proj"))])
     with torch.no_grad():
@@ -218,7 +218,7 @@ def test_adapters_switch_mix_and_disable():
 
 
 def test_disable_while_merged_and_merge_of_a_zero_magnitude():
-    model = BUILDERS["llama"]()
+    model = BUILDERS["llama"](**one_layer("llama"))
     cm = peftc.compile(model, [peftc.DoRA(init=False).on(peftc.linear(r".*q_proj"))], backend="eager")
     ids, mask = padded_batch()
     want = logits(cm, ids, mask)
@@ -244,11 +244,15 @@ def test_disable_while_merged_and_merge_of_a_zero_magnitude():
     (dict(use_dora=True, target_modules=["q_proj"], lora_bias=True), "lora_bias"),
 ])
 def test_unsupported_dora_is_a_rule_error(config, match):
-    model = BUILDERS["llama"]()
+    model = BUILDERS["llama"](**one_layer("llama"))
     before = snapshot(model)
     with pytest.raises(peftc.RuleError, match=match):
         peftc.compile(model, {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, **config}, backend="eager")
     assert_unchanged(model, before)
+
+
+def test_dora_adapters_cant_be_combined_by_concatenation():
+    model = BUILDERS["llama"](**one_layer("llama"))
     with pytest.raises(peftc.RuleError, match="can't combine"):
         cm = peftc.compile(model, [peftc.DoRA().on(peftc.linear(r".*q_proj"))], backend="eager")
         cm.add_adapter("b", [peftc.DoRA().on(peftc.linear(r".*q_proj"))])

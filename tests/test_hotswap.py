@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, make_llama, padded_batch, snapshot
+from conftest import assert_unchanged, make_llama, one_layer, padded_batch, snapshot
 from conftest import no_grad_logits as logits
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounter
@@ -24,26 +24,31 @@ ADAPTERS = {"a": (4, 8, ["q_proj", "v_proj"], 1), "b": (8, 4, ["q_proj", "v_proj
             "c": (2, 2, ["q_proj"], 3), "big": (16, 16, ["q_proj", "v_proj"], 4), "k": (4, 4, ["k_proj"], 5)}
 
 
+def llama():
+    """A one-layer Llama: every check here holds at any depth, and a trace costs less."""
+    return make_llama(**one_layer("llama"))
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """PEFT-saved LoRA folders, random A and B."""
     out = {}
     for name, (r, alpha, targets, seed) in ADAPTERS.items():
         torch.manual_seed(seed)
-        pm = peft.get_peft_model(make_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                               init_lora_weights=False))
+        pm = peft.get_peft_model(llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                          init_lora_weights=False))
         out[name] = tmp_path_factory.mktemp(name)
         pm.save_pretrained(out[name])
     return out
 
 
 def peft_model(path, **kwargs):
-    return peft.PeftModel.from_pretrained(make_llama(), path, **kwargs)
+    return peft.PeftModel.from_pretrained(llama(), path, **kwargs)
 
 
 def test_add_load_hotswap_switch_delete_compile_nothing(dirs):
     counter = CompileCounter()
-    cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=3),
+    cm = peftc.from_pretrained(llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=3),
                                backend=counter)
     ids, mask = padded_batch(3, 7)
     torch.testing.assert_close(logits(cm, ids, mask), logits(peft_model(dirs["a"]), ids, mask), atol=ATOL, rtol=0)
@@ -77,9 +82,10 @@ def test_training_while_adding_loading_and_hotswapping_compiles_nothing(dirs):
     """In training mode too: adapters added or loaded inactive, and a hot-swap into the adapter
     that trains, change no graph and no requires_grad flag."""
     counter = CompileCounter()
-    cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=3),
-                               is_trainable=True, backend=counter).train()
     ids, mask = padded_batch(3, 7)
+    cm = peftc.from_pretrained(llama().train(), dirs["a"], dict(input_ids=ids, attention_mask=mask, labels=ids),
+                               reserve=peftc.Reserve(max_rank=8, slots=3), is_trainable=True,
+                               backend=counter).train()
 
     def step():
         cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
@@ -108,8 +114,8 @@ def test_training_a_padded_slot_is_exact(dirs, tmp_path):
     which stays zero through AdamW, and the same saved file (rank 4) as PEFT's after the same step."""
     ids, mask = padded_batch(3, 7)
     labels = ids.masked_fill(mask == 0, -100)
-    cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=peftc.Reserve(8, 2), is_trainable=True,
-                               backend="eager").train()
+    cm = peftc.from_pretrained(llama().train(), dirs["a"], dict(input_ids=ids, attention_mask=mask, labels=labels),
+                               reserve=peftc.Reserve(8, 2), is_trainable=True, backend="eager").train()
     pm = peft_model(dirs["a"], is_trainable=True).train()
     sites = {p.site.weight_path: p.state for p in cm.sites}
     assert {s.capacity for s in sites.values()} == {8} and {s.r for s in sites.values()} == {4}
@@ -154,7 +160,7 @@ def test_hotswap_matches_peft_hotswap(dirs, new, reserve):
     prepare_model_for_compiled_hotswap(pm, target_rank=8)
     hotswap_adapter(pm, str(dirs[new]), "default", torch_device="cpu")
     counter = CompileCounter()
-    cm = peftc.from_pretrained(make_llama(), dirs["b"], reserve=reserve, backend=counter)
+    cm = peftc.from_pretrained(llama(), dirs["b"], reserve=reserve, backend=counter)
     logits(cm, ids, mask)
     cm.load_adapter(dirs[new], "default", hotswap=True)
     torch.testing.assert_close(logits(cm, ids, mask), logits(pm, ids, mask), atol=ATOL, rtol=0)
@@ -166,7 +172,7 @@ def test_hotswap_matches_peft_hotswap(dirs, new, reserve):
 
 
 def test_bad_input_names_the_capacity_and_changes_nothing(dirs):
-    cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=2),
+    cm = peftc.from_pretrained(llama(), dirs["a"], reserve=peftc.Reserve(max_rank=8, slots=2),
                                backend="eager")
     cm.load_adapter(dirs["c"], "c")
     ids, mask = padded_batch(3, 7)
@@ -194,7 +200,7 @@ def test_bad_input_names_the_capacity_and_changes_nothing(dirs):
 
 
 def test_without_reserve_a_larger_rank_points_at_reserve(dirs):
-    cm = peftc.from_pretrained(make_llama(), dirs["a"], backend="eager")
+    cm = peftc.from_pretrained(llama(), dirs["a"], backend="eager")
     before = snapshot(cm)
     with pytest.raises(peftc.RuleError, match=r"rank 8 .* exceeds the rank 4.*peftc.Reserve\(max_rank="):
         cm.load_adapter(dirs["b"], "default", hotswap=True)
@@ -204,7 +210,7 @@ def test_without_reserve_a_larger_rank_points_at_reserve(dirs):
 def test_reserve_rejects_what_it_cant_hold():
     with pytest.raises(peftc.RuleError, match="max_rank=0"):
         peftc.Reserve(max_rank=0, slots=2)
-    model = make_llama()
+    model = llama()
     before = snapshot(model)
     with pytest.raises(peftc.RuleError, match="IA3 adapters can't be reserved"):
         peftc.compile(model, [peftc.IA3().on(peftc.linear(QV))], reserve=peftc.Reserve(8, 2), backend="eager")
@@ -218,7 +224,7 @@ def test_merge_and_combine_use_the_real_rank(dirs):
     ids, mask = padded_batch(3, 7)
     models = []
     for reserve in (peftc.Reserve(max_rank=8, slots=3), None):
-        cm = peftc.from_pretrained(make_llama(), dirs["a"], reserve=reserve, backend="eager")
+        cm = peftc.from_pretrained(llama(), dirs["a"], reserve=reserve, backend="eager")
         cm.load_adapter(dirs["c"], "c")
         cm.add_weighted_adapter(["default", "c"], [0.6, -1.5], "mix", combination_type="cat")
         cm.set_adapter("mix")

@@ -20,6 +20,7 @@ from conftest import (
     assert_matches_peft,
     assert_merges_to_base_graph,
     no_grad_logits,
+    one_layer,
     padded_batch,
     snapshot,
 )
@@ -57,13 +58,21 @@ def copy_state(cm, pm, adapter: str = "default") -> None:
                     t.copy_(sd[f"{PREFIX}{p.path}.{name}.{adapter}"])
 
 
-def build_pair(arch: str, config, seed: int = 0, **overrides):
-    model = BUILDERS[arch](seed=seed, **overrides)
-    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).eval()
+def build_pair(arch: str, config, seed: int = 0, train_inputs: dict | None = None, **overrides):
+    """(model, PEFT's model, peftc's) with PEFT's random adapter tensors in both, in eval mode;
+    in training mode with ``train_inputs``, which peftc's first trace is then of."""
+    model = BUILDERS[arch](seed=seed, **overrides).train(train_inputs is not None)
+    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config)).train(model.training)
     randomise(pm)
-    cm = peftc.compile(model, config, backend="eager").eval()
+    cm = peftc.compile(model, config, train_inputs, backend="eager").train(model.training)
     copy_state(cm, pm)
     return model, pm, cm
+
+
+def train_pair(config, ids, mask):
+    """:func:`build_pair` on a one-layer Llama in training mode, traced for a loss on ``ids``."""
+    return build_pair("llama", config, train_inputs=dict(input_ids=ids, attention_mask=mask, labels=ids),
+                      **one_layer("llama"))
 
 
 CASES = [
@@ -88,7 +97,9 @@ CASES = [
 
 @pytest.mark.parametrize(("arch", "config"), CASES)
 def test_parity_with_peft(arch, config, capsys):
-    model, pm, cm = build_pair(arch, config)
+    # one layer, unless a pattern names a layer
+    names_a_layer = any("layers" in key for key in getattr(config, "alpha_pattern", None) or {})
+    model, pm, cm = build_pair(arch, config, **({} if names_a_layer else one_layer(arch)))
     peft_sites = {n.removeprefix(PREFIX).rsplit(".", 2)[0] for n, _ in pm.named_parameters()
                   if any(t in n for t in TRAINED)}
     assert {p.path for p in cm.sites} == peft_sites
@@ -112,8 +123,8 @@ def test_merged_graph_is_the_base_graph(config):
     VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "down_proj"]),
 ], ids=["loha", "lokr", "vera"])
 def test_gradients_match_peft(config):
-    _, pm, cm = build_pair("llama", config)
     ids, mask = padded_batch()
+    _, pm, cm = train_pair(config, ids, mask)
     for m in (pm, cm):
         m.train()
         m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
@@ -134,7 +145,7 @@ def test_gradients_match_peft(config):
 def test_rank_and_module_dropout_draw_as_peft_does(config):
     """PEFT draws ``rand(1)`` (module dropout), then ``rand(out)`` (rank dropout) per site in
     call order; from one seed peftc's training graph draws the same numbers."""
-    _, pm, cm = build_pair("llama", config)
+    _, pm, cm = build_pair("llama", config, **one_layer("llama"))
     ids, mask = padded_batch()
     outs = []
     for m in (pm, cm):
@@ -178,19 +189,19 @@ def test_module_dropout_skips_the_whole_adapter():
     ("gpt2", VeraConfig(task_type="CAUSAL_LM", r=8, save_projection=False)),
 ], ids=["loha-llama", "lokr-bert", "vera-llama", "vera-gpt2-no-projection"])
 def test_checkpoints_both_ways(arch, config, tmp_path):
-    model, pm, cm = build_pair(arch, config)
+    model, pm, cm = build_pair(arch, config, **one_layer(arch))
     ids, mask = padded_batch()
     want = logits(pm, ids, mask)
 
     cm.save_pretrained(tmp_path / "ours")  # peftc saves, PEFT loads
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["peft_type"] == config.peft_type.value
-    loaded = peft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(BUILDERS[arch](**one_layer(arch)), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(loaded, ids, mask), want, atol=ATOL, rtol=0)
     assert isinstance(peft.PeftConfig.from_peft_type(**cm.peft_config["default"]), type(config))
 
     pm.save_pretrained(tmp_path / "theirs")  # PEFT saves, peftc loads
-    ours = peftc.from_pretrained(BUILDERS[arch](), tmp_path / "theirs", backend="eager").eval()
+    ours = peftc.from_pretrained(BUILDERS[arch](**one_layer(arch)), tmp_path / "theirs", backend="eager").eval()
     torch.testing.assert_close(logits(ours, ids, mask), want, atol=ATOL, rtol=0)
     assert {p.path for p in ours.sites} == {p.path for p in cm.sites}
 
@@ -198,7 +209,8 @@ def test_checkpoints_both_ways(arch, config, tmp_path):
 def test_vera_projection_is_saved_once_and_shared(tmp_path):
     from safetensors.torch import load_file
 
-    _, pm, cm = build_pair("llama", VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "up_proj"]))
+    _, pm, cm = build_pair("llama", VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "up_proj"]),
+                           **one_layer("llama"))
     cm.save_pretrained(tmp_path / "ours")
     pm.save_pretrained(tmp_path / "theirs")
     ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
@@ -220,10 +232,12 @@ def test_vera_projection_is_saved_once_and_shared(tmp_path):
 ], ids=["loha", "lokr", "vera"])
 def test_config_object_dict_and_native_constructor_agree(config, native):
     ids, mask = padded_batch()
-    as_object = peftc.compile(BUILDERS["llama"](), config, backend="eager")
-    as_dict = peftc.compile(BUILDERS["llama"](), json.loads(json.dumps(config.to_dict(), default=list)),
+    one = one_layer("llama")
+    as_object = peftc.compile(BUILDERS["llama"](**one), config, backend="eager")
+    as_dict = peftc.compile(BUILDERS["llama"](**one), json.loads(json.dumps(config.to_dict(), default=list)),
                             backend="eager")
-    built = peftc.compile(BUILDERS["llama"](), [native.on(peftc.linear(r".*(k_proj|down_proj)"))], backend="eager")
+    built = peftc.compile(BUILDERS["llama"](**one), [native.on(peftc.linear(r".*(k_proj|down_proj)"))],
+                          backend="eager")
     for cm in (as_object, as_dict, built):
         with torch.no_grad():
             for p in cm.sites:
@@ -238,7 +252,7 @@ def test_config_object_dict_and_native_constructor_agree(config, native):
 @pytest.mark.parametrize("kind", [peftc.LoHa(r=2, init=False), peftc.LoKr(r=1, decompose_both=True, init=False),
                                   peftc.VeRA(r=8, init=False)], ids=["loha", "lokr", "vera"])
 def test_adapters_switch_mix_and_keep_nan_out(kind):
-    model = BUILDERS["llama"]()
+    model = BUILDERS["llama"](**one_layer("llama"))
     cm = peftc.compile(model, [peftc.LoRA(r=2, init=False).on(peftc.linear(r".*q_proj"))], backend="eager")
     cm.add_adapter("other", [kind.on(peftc.linear(r".*(v_proj|up_proj)"))])
     ids, mask = padded_batch(3, 7)
@@ -271,13 +285,13 @@ def test_adapters_switch_mix_and_keep_nan_out(kind):
 
 def test_loha_on_gpt2_conv1d_saves_in_peftcs_format(tmp_path):
     """PEFT has no LoHa for GPT-2's Conv1D; peftc adapts it and saves its own format."""
-    model = BUILDERS["gpt2"]()
+    model = BUILDERS["gpt2"](**one_layer("gpt2"))
     cm = peftc.compile(model, [peftc.LoHa(r=2, init=False).on(peftc.linear(r".*c_attn"))], backend="eager").eval()
     ids, mask = padded_batch()
     want = logits(cm, ids, mask)
     cm.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PEFTC"
-    again = peftc.from_pretrained(BUILDERS["gpt2"](), tmp_path, backend="eager").eval()
+    again = peftc.from_pretrained(BUILDERS["gpt2"](**one_layer("gpt2")), tmp_path, backend="eager").eval()
     torch.testing.assert_close(logits(again, ids, mask), want, atol=0, rtol=0)
 
 
@@ -294,7 +308,7 @@ def test_loha_on_gpt2_conv1d_saves_in_peftcs_format(tmp_path):
     ([peftc.VeRA(r=4).on(peftc.embedding())], "VeRA adapts linear-like ops"),
 ])
 def test_bad_rules_are_rule_errors(rules, match):
-    model = BUILDERS["llama"]()
+    model = BUILDERS["llama"](**one_layer("llama"))
     before = snapshot(model)
     with pytest.raises(peftc.RuleError, match=match):
         peftc.compile(model, rules, backend="eager")

@@ -14,7 +14,15 @@ import weakref
 
 import pytest
 import torch
-from conftest import VOCAB, assert_unchanged, copy_peft_weights, make_gpt2, make_llama, snapshot
+from conftest import (
+    VOCAB,
+    assert_unchanged,
+    copy_peft_weights,
+    make_gpt2,
+    make_llama,
+    one_layer,
+    snapshot,
+)
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -24,6 +32,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 import peftc  # noqa: E402
 
 QV = r".*\.(q|v)_proj"
+
+
+def llama():
+    """A one-layer Llama: what's checked here holds at any depth, and a trace costs less."""
+    return make_llama(**one_layer("llama"))
 
 
 def _rules(init=False):
@@ -45,7 +58,7 @@ def _batch(seed=0):
 
 def _hf_quantized(tmp_path, **config):
     """A tiny Llama quantized the way users get one: transformers' from_pretrained with a BitsAndBytesConfig."""
-    make_llama().save_pretrained(tmp_path / "float")
+    llama().save_pretrained(tmp_path / "float")
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
               bnb_4bit_compute_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32,
@@ -79,7 +92,7 @@ def _packed(model) -> dict[str, nn.Module]:
 
 
 def test_quantize_default_selection_is_every_linear_but_the_head_and_frees_float_weights():
-    model = make_llama()
+    model = llama()
     q_weight = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
     head = model.lm_head.weight
     peftc.compile(model, _rules(), backend="eager", quantize="nf4")
@@ -100,10 +113,11 @@ def test_quantize_in_a_rules_file_with_its_own_selector(tmp_path):
              "quantize": {"quant_type": "fp4", "double_quant": False, "blocksize": 128,
                           "select": {"linear": r".*mlp\..*"}}}
     (tmp_path / "rules.json").write_text(json.dumps(rules))
-    model = make_llama()
+    model = llama()
     peftc.compile(model, str(tmp_path / "rules.json"), backend="eager")
     packed = _packed(model)
-    assert sorted(packed) == sorted(f"model.layers.{i}.mlp.{n}_proj" for i in range(2) for n in ("gate", "up", "down"))
+    assert sorted(packed) == sorted(f"model.layers.{i}.mlp.{n}_proj" for i in range(model.config.num_hidden_layers)
+                           for n in ("gate", "up", "down"))
     state = packed["model.layers.0.mlp.up_proj"].weight.quant_state
     assert (state.quant_type, state.nested, state.blocksize) == ("fp4", False, 128)
 
@@ -112,7 +126,7 @@ def test_quantize_in_a_rules_file_with_its_own_selector(tmp_path):
                                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                      bnb_4bit_use_double_quant=True)])
 def test_compiled_qlora_matches_peft_forward_and_training_step(spec):
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize=spec)
     pm = _peft(copy.deepcopy(model))
     copy_peft_weights(cm, pm)
@@ -128,7 +142,7 @@ def test_compiled_qlora_matches_peft_forward_and_training_step(spec):
 
 def test_linear_4bit_saves_no_float_weight_and_its_gradient_is_the_dequantized_one():
     """Autograd keeps the packed bytes for the input's gradient, as bitsandbytes' MatMul4Bit does."""
-    model = make_llama()
+    model = llama()
     peftc.compile(model, _rules(), backend="eager", quantize="nf4")
     module = _packed(model)["model.layers.0.mlp.up_proj"]
     saved = []
@@ -164,10 +178,10 @@ def test_transformers_quantized_model_compiles_on_its_own_storage(tmp_path, conf
     copy_peft_weights(cm, pm)
     ids, mask = _batch(1)
     gm = cm.graph_module(input_ids=ids, attention_mask=mask)
-    q = _packed(model)["model.layers.1.self_attn.q_proj"].weight
-    held = gm.get_buffer("peftc_kbit.model_layers_1_self_attn_q_proj_weight.packed")
+    q = _packed(model)["model.layers.0.self_attn.q_proj"].weight
+    held = gm.get_buffer("peftc_kbit.model_layers_0_self_attn_q_proj_weight.packed")
     assert held.data_ptr() == q.data_ptr()  # the graph reads the model's bytes, never a copy
-    assert gm.get_buffer("peftc_kbit.model_layers_1_self_attn_q_proj_weight.absmax") is q.quant_state.absmax
+    assert gm.get_buffer("peftc_kbit.model_layers_0_self_attn_q_proj_weight.absmax") is q.quant_state.absmax
     with torch.no_grad():
         assert (cm(input_ids=ids, attention_mask=mask).logits
                 - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-4
@@ -175,7 +189,7 @@ def test_transformers_quantized_model_compiles_on_its_own_storage(tmp_path, conf
 
 
 def _hf_8bit(tmp_path, **config):
-    make_llama().save_pretrained(tmp_path / "float")
+    llama().save_pretrained(tmp_path / "float")
     config = BitsAndBytesConfig(load_in_8bit=True, **config)
     return AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32, quantization_config=config)
 
@@ -189,8 +203,8 @@ def test_8bit_model_matches_peft_forward_training_step_and_merge(tmp_path, thres
     copy_peft_weights(cm, pm)
     ids, mask = _batch()
     gm = cm.graph_module(input_ids=ids, attention_mask=mask)
-    q = model.model.layers[1].self_attn.q_proj.weight
-    assert gm.get_buffer("peftc_kbit.model_layers_1_self_attn_q_proj_weight.int8").data_ptr() == q.data_ptr()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert gm.get_buffer("peftc_kbit.model_layers_0_self_attn_q_proj_weight.int8").data_ptr() == q.data_ptr()
     with torch.no_grad():
         unmerged = cm(input_ids=ids, attention_mask=mask).logits
         assert (unmerged - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-4
@@ -205,7 +219,7 @@ def test_8bit_model_matches_peft_forward_training_step_and_merge(tmp_path, thres
         merged = cm(input_ids=ids, attention_mask=mask).logits
         peft_merged = pm(input_ids=ids, attention_mask=mask).logits
         assert (merged - peft_merged).abs().max() <= 1e-5 + 1e-3 * (peft_merged - unmerged).abs().max()
-        assert not torch.equal(q.data, stored["model.layers.1.self_attn.q_proj.weight"])
+        assert not torch.equal(q.data, stored["model.layers.0.self_attn.q_proj.weight"])
         cm.unmerge()
         assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
         assert torch.equal(cm(input_ids=ids, attention_mask=mask).logits, unmerged)
@@ -232,7 +246,7 @@ def test_8bit_model_that_ran_before_compiling_and_unloads_to_float(tmp_path):
 
 
 def test_merge_requantizes_as_peft_and_unmerge_restores_the_packed_bytes():
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize="nf4").eval()
     pm = _peft(copy.deepcopy(model), kbit=False).eval()
     copy_peft_weights(cm, pm)
@@ -255,7 +269,7 @@ def test_merge_requantizes_as_peft_and_unmerge_restores_the_packed_bytes():
 
 
 def test_merge_and_unload_dequantize_returns_a_float_model():
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize="nf4").eval()
     ids, mask = _batch(3)
     cm.merge()
@@ -270,7 +284,7 @@ def test_merge_and_unload_dequantize_returns_a_float_model():
 
 
 def test_export_hf_merges_into_dequantized_weights_and_leaves_the_4bit_model_as_it_was(tmp_path):
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize="nf4").eval()
     ids, mask = _batch()
     with torch.no_grad():
@@ -301,7 +315,7 @@ def test_export_hf_merges_into_dequantized_weights_and_leaves_the_4bit_model_as_
 
 
 def test_adapters_save_for_peft_on_a_quantized_base_and_back(tmp_path):
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize="nf4").eval()
     peft_base = copy.deepcopy(model)
     ours_base = copy.deepcopy(model)
@@ -371,7 +385,7 @@ def test_quantize_spec_checks_what_bitsandbytes_runs():
     (BitsAndBytesConfig(load_in_8bit=True), "load_in_4bit=False"),
 ])
 def test_bad_quantize_specs_are_named_and_change_nothing(spec, message):
-    model = make_llama()
+    model = llama()
     before = snapshot(model)
     with pytest.raises(peftc.QuantizationError, match=message):
         peftc.compile(model, _rules(), backend="eager", quantize=spec)
@@ -380,7 +394,7 @@ def test_bad_quantize_specs_are_named_and_change_nothing(spec, message):
 
 
 def test_selecting_a_weight_bitsandbytes_cant_hold_changes_nothing():
-    model = make_gpt2()  # Conv1D: an addmm of an [in, out] weight, not an nn.Linear
+    model = make_gpt2(**one_layer("gpt2"))  # Conv1D: an addmm of an [in, out] weight, not an nn.Linear
     before = snapshot(model)
     with pytest.raises(peftc.QuantizationError, match="not an nn.Linear"):
         peftc.compile(model, [peftc.LoRA(r=2).on(peftc.linear(r".*c_attn"))], backend="eager",
@@ -389,7 +403,7 @@ def test_selecting_a_weight_bitsandbytes_cant_hold_changes_nothing():
 
 
 def test_a_weight_of_a_dtype_bitsandbytes_cant_quantize_is_named_before_any_layer_changes():
-    model = make_llama().double()
+    model = llama().double()
     before = snapshot(model)
     with pytest.raises(peftc.QuantizationError, match=r"layers\.0\.self_attn\.q_proj\.weight is torch\.float64.*model\.float"):
         peftc.compile(model, _rules(), backend="eager", quantize="nf4")
@@ -398,7 +412,7 @@ def test_a_weight_of_a_dtype_bitsandbytes_cant_quantize_is_named_before_any_laye
 
 
 def test_bad_rules_leave_the_model_unquantized():
-    model = make_llama()
+    model = llama()
     before = snapshot(model)
     with pytest.raises(peftc.RuleError, match="matched no site"):
         peftc.compile(model, [peftc.LoRA(r=2).on(peftc.linear(r".*nope"))], backend="eager", quantize="nf4")
@@ -411,7 +425,7 @@ def test_quantizing_twice_and_missing_bitsandbytes_are_named(monkeypatch, tmp_pa
     with pytest.raises(peftc.QuantizationError, match="quantized already"):
         peftc.compile(model, _rules(), backend="eager", quantize="nf4")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    plain = make_llama()
+    plain = llama()
     with pytest.raises(peftc.QuantizationError, match=r"peftc\[qlora\]"):
         peftc.compile(plain, _rules(), backend="eager", quantize="nf4")
 
@@ -419,7 +433,7 @@ def test_quantizing_twice_and_missing_bitsandbytes_are_named(monkeypatch, tmp_pa
 def test_bfloat16_compute_dtype_trains_close_to_peft():
     """With a compute dtype narrower than the input, LoRA's sum is rounded in the compute dtype
     (the op's output), where PEFT adds after casting back: logits agree to bfloat16's precision."""
-    model = make_llama()
+    model = llama()
     cm = peftc.compile(model, _rules(), backend="eager", quantize=peftc.Quantize(compute_dtype=torch.bfloat16))
     pm = _peft(copy.deepcopy(model))
     copy_peft_weights(cm, pm)
